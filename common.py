@@ -1,0 +1,1160 @@
+"""
+Shared machinery for the four method scripts (asfm.py, integration_flow.py,
+consistency_func.py, scoreflow.py) and toy2d.py. Nothing method-specific lives here.
+
+Sections, in order:
+  1. CLI: the one flag set every script shares, presets, errors for bad input
+  2. Networks: UNet (DDPM++-style), DiT (adaLN-Zero), MLP for 2-D, INR generator
+  3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t)
+  4. Data: cifar10, celeba, image folders, 2-D toys, a user's points; resumable batches
+  5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances, straightness
+  6. Training plumbing: run setup (device, bf16, TF32, DDP), EMA, atomic checkpoints,
+     exact resume, logging, NaN guard, image and sample export, benchmarking
+
+Conventions (all files): images are float in [-1, 1], NCHW; 2-D data is [N, 2].
+Networks are called net(x, t, y=None, extra=None): t is a float tensor of shape [B]
+(flow time in [0, 1], or a noise embedding such as 0.25 ln sigma); networks multiply it
+by 1000 before their sin-cos embedding. y are class labels (index num_classes is the
+null class used for classifier-free guidance); `extra` is concatenated to the input
+channels (Integration Flow feeds its anchor this way).
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(ValueError):
+    """Bad input or a fault the user can fix; scripts print it as one line and exit."""
+
+
+#################################################################################
+#                                  1. CLI                                       #
+#################################################################################
+
+TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
+                "tri-src", "tri-tgt", "points")
+IMAGE_DATASETS = ("cifar10", "celeba", "folder")
+ARCHS = ("mlp", "unet", "dit", "func")
+
+# Network sizes and training recipes. A method file copies these and overrides what its
+# paper's recipe changes (learning rate, batch, steps, EMA). Flags set on the command
+# line always win over the preset.
+PRESETS = {
+    # 2-D toys on CPU: a 3x256 MLP, seconds to minutes.
+    "toy": dict(arch="mlp", width=256, depth=3, steps=5000, batch_size=512, lr=1e-3,
+                ema_decay=0.999, warmup=0, log_every=500, sample_every=0, ckpt_every=1000,
+                fid_n=5000, dropout=0.0, hflip=False),
+    # Images on CPU in minutes: 16x16, a <0.5M-parameter U-Net or a 4-block DiT.
+    "tiny": dict(arch="unet", image_size=16, width=24, depth=1, ch_mult=(1, 2), attn_res=(8,),
+                 heads=4, patch=2, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.999,
+                 warmup=100, log_every=100, sample_every=1000, ckpt_every=500, fid_n=1000,
+                 dropout=0.0, hflip=True),
+    # CIFAR-10, the DDPM/RF recipe: 35.7M-parameter U-Net, Adam 2e-4, batch 128, EMA 0.9999.
+    "cifar10": dict(arch="unet", image_size=32, width=128, depth=2, ch_mult=(1, 2, 2, 2),
+                    attn_res=(16,), heads=6, patch=2, steps=800_000, batch_size=128, lr=2e-4,
+                    ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
+                    ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
+    # CelebA 64x64 (178 -> 140 centre crop), same network with one more resolution.
+    "celeba64": dict(arch="unet", image_size=64, width=128, depth=2, ch_mult=(1, 2, 2, 2, 4),
+                     attn_res=(16,), heads=6, patch=4, steps=500_000, batch_size=128, lr=2e-4,
+                     ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
+                     ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
+}
+# DiT-S-like widths when --arch dit is used with an image preset (depth 12, 384 wide).
+DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12),
+            "celeba64": dict(width=384, depth=12)}
+
+
+def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
+    """The flags all four method scripts share. Defaults of None are filled by the preset."""
+    a = parser.add_argument
+    a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
+    a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
+    a("--image-size", type=int, default=None, help="resolution images are resized to")
+    a("--arch", default=None, choices=ARCHS, help="network (default: mlp for 2-D, unet for images)")
+    a("--preset", default=None, choices=sorted(PRESETS), help="size/recipe (default from dataset)")
+    a("--width", type=int, default=None, help="U-Net base channels / DiT or MLP hidden size")
+    a("--depth", type=int, default=None, help="U-Net res-blocks per level / DiT or MLP layers")
+    a("--dropout", type=float, default=None)
+    a("--steps", type=int, default=None, help="training steps (optimizer updates)")
+    a("--batch-size", type=int, default=None, help="global batch size (split over DDP ranks)")
+    a("--lr", type=float, default=None)
+    a("--warmup", type=int, default=None, help="linear learning-rate warmup steps")
+    a("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    a("--ema-decay", type=float, default=None)
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+      help="auto = bf16 autocast + TF32 on CUDA, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the training network")
+    a("--channels-last", action="store_true", help="channels_last memory format (images)")
+    a("--workers", type=int, default=2, help="DataLoader worker processes (image data)")
+    a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<preset>)")
+    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt if it exists")
+    a("--log-every", type=int, default=None)
+    a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
+    a("--ckpt-every", type=int, default=None)
+    a("--mode", default="train", choices=modes)
+    a("--ckpt", default=None, help="checkpoint for sample/eval/bench (default <out-dir>/ckpt.pt)")
+    a("--n", type=int, default=64, help="number of samples for --mode sample")
+    a("--nfe", default=None, help="comma list of step counts, e.g. 1,2,4 (add rk45 where supported)")
+    a("--samples-out", default=None, help="folder for --mode sample output (default <out-dir>/samples)")
+    a("--fid-n", type=int, default=None, help="samples for FID (papers: 50000)")
+    a("--inception-weights", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
+    a("--eval-every", type=int, default=0, help="evaluate (FID / 2-D distance) every N steps")
+    return parser
+
+
+def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
+    """Fill unset flags from the preset, check them, and return args (one-line errors)."""
+    if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of "
+                        f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
+    args.is_image = args.dataset in IMAGE_DATASETS
+    if args.preset is None:
+        args.preset = ("toy" if not args.is_image else
+                       {"cifar10": "cifar10", "celeba": "celeba64"}.get(args.dataset, "tiny"))
+    if args.preset not in presets:
+        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(presets)}")
+    preset = dict(presets[args.preset])
+    if args.arch == "dit" and args.preset in DIT_SIZE:
+        preset.update(DIT_SIZE[args.preset])
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.is_image and args.arch == "mlp":
+        raise UserError("--arch mlp is for 2-D data; use unet, dit or func for images")
+    if not args.is_image and args.arch != "mlp":
+        raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
+    if not args.is_image:
+        args.image_size = None
+    if args.arch == "dit" and args.image_size % args.patch:
+        raise UserError(f"--image-size {args.image_size} is not divisible by the DiT patch "
+                        f"size {args.patch}: pick an image size that is a multiple of it")
+    if args.steps < 0 or args.batch_size <= 0 or args.lr <= 0:
+        raise UserError("--steps must be >= 0, --batch-size and --lr > 0")
+    args.nfe_list = parse_nfe(args.nfe or default_nfe)
+    args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}-{args.preset}")
+    args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
+    args.method = method
+    return args
+
+
+def parse_nfe(text):
+    """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be a positive integer."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if item == "rk45":
+            out.append(item)
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            raise UserError(f"--nfe '{text}': use positive integers separated by commas, "
+                            "e.g. 1,2,4 (or rk45)") from None
+        if k <= 0:
+            raise UserError(f"--nfe must be positive (got {k}): the number of network "
+                            "evaluations is at least 1")
+        out.append(k)
+    return out
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+#################################################################################
+#                                 2. Networks                                   #
+#################################################################################
+
+def timestep_embedding(t, dim, scale=1000.0, max_period=10000.0):
+    """Sin-cos embedding of float t [B] -> [B, dim] (t is scaled by 1000 first, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class Conditioning(nn.Module):
+    """t (and optional class label, num_classes = null class) -> embedding vector."""
+
+    def __init__(self, freq_dim, dim, num_classes=0):
+        super().__init__()
+        self.freq_dim, self.num_classes = freq_dim, num_classes
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.label = nn.Embedding(num_classes + 1, dim) if num_classes else None
+
+    def forward(self, t, y=None):
+        emb = self.mlp(timestep_embedding(t, self.freq_dim))
+        if self.label is not None:
+            if y is None:  # unconditional call: the null class
+                y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            emb = emb + self.label(y)
+        return emb
+
+
+def _norm(c):
+    """GroupNorm with 32 groups when possible, fewer for narrow tiny models."""
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0 and c // g >= min(4, c))
+    return nn.GroupNorm(groups, c)
+
+
+def zero_(module):
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, time-embedding scale/shift (DDPM++), dropout, skip; output /sqrt(2)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2, self.drop = _norm(cout), nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return (self.skip(x) + h) / math.sqrt(2)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, residual, output /sqrt(2)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = _norm(c), nn.Conv2d(c, 3 * c, 1), zero_(nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+        return (x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
+
+
+class UNet(nn.Module):
+    """DDPM++-style U-Net. ch=128, ch_mult=(1,2,2,2), 2 blocks, attention at 16: 38.3M params
+    (the DDPM CIFAR-10 net, 35.7M, plus scale/shift time modulation); ch=24, ch_mult=(1,2),
+    1 block, attention at 8: a 0.43M-parameter CPU model."""
+
+    def __init__(self, in_ch=3, out_ch=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_res=(16,), dropout=0.1, image_size=32, num_classes=0, extra_ch=0):
+        super().__init__()
+        out_ch, emb = out_ch or in_ch, 4 * ch
+        self.cond = Conditioning(ch, emb, num_classes)
+        self.conv_in = nn.Conv2d(in_ch + extra_ch, ch, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(c, ch * mult, emb, dropout)]
+                                                + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                c = ch * mult
+                skips.append(c)
+            if level < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), AttnBlock(c), ResBlock(c, c, emb, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), ch * mult, emb, dropout)]
+                                              + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                c = ch * mult
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.out = nn.Sequential(_norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, padding=1)))
+
+    def forward(self, x, t, y=None, extra=None):
+        emb = self.cond(t, y)
+        h = self.conv_in(x if extra is None else torch.cat([x, extra], dim=1))
+        hs = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](h, emb)
+                for attn in layer[1:]:
+                    h = attn(h)
+            else:
+                h = layer(h)
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[0](torch.cat([h, hs.pop()], dim=1), emb)
+                for attn in layer[1:]:
+                    h = attn(h)
+            else:
+                h = layer(h)
+        return self.out(h)
+
+
+def sincos_pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos position embedding for a grid x grid patch layout -> (grid*grid, dim)."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb(yy), emb(xx)], dim=1).float()
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the conditioning regresses shift/scale/gate (zero init)."""
+
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"),
+                                 nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), zero_(nn.Linear(dim, 6 * dim)))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        B, N, D = x.shape
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).reshape(
+            B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        x = x + gate1[:, None] * self.proj(h)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """DiT (Peebles & Xie 2023): patchify, sin-cos positions, adaLN-Zero blocks, zero-init
+    final layer, unpatchify. width=384, depth=12, heads=6 is DiT-S."""
+
+    def __init__(self, in_ch=3, out_ch=None, image_size=32, patch=2, width=384, depth=12,
+                 heads=6, dropout=0.0, num_classes=0, extra_ch=0):
+        super().__init__()
+        if image_size % patch:
+            raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
+        self.out_ch, self.patch, self.grid = out_ch or in_ch, patch, image_size // patch
+        self.embed = nn.Conv2d(in_ch + extra_ch, width, patch, stride=patch)
+        self.register_buffer("pos", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
+        self.cond = Conditioning(256, width, num_classes)
+        self.blocks = nn.ModuleList([DiTBlock(width, heads, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), zero_(nn.Linear(width, 2 * width)))
+        self.final = zero_(nn.Linear(width, patch * patch * self.out_ch))
+
+    def forward(self, x, t, y=None, extra=None):
+        x = x if extra is None else torch.cat([x, extra], dim=1)
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, C, H, W) -> (B, N, D)
+        c = self.cond(t, y)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        h = self.final(modulate(self.norm(h), shift, scale))  # (B, N, p*p*C)
+        B, g, p = h.shape[0], self.grid, self.patch
+        h = h.reshape(B, g, g, p, p, self.out_ch).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(B, self.out_ch, g * p, g * p)  # (B, N, p*p*C) -> (B, C, H, W)
+
+
+class MLP(nn.Module):
+    """Time-conditioned MLP for 2-D data: [x, extra, emb(t, y)] -> `depth` SiLU layers -> dim."""
+
+    def __init__(self, dim=2, width=256, depth=3, num_classes=0, extra_dim=0, dropout=0.0):
+        super().__init__()
+        self.cond = Conditioning(64, width, num_classes)
+        layers, c = [], dim + extra_dim + width
+        for _ in range(depth):
+            layers += [nn.Linear(c, width), nn.SiLU(), nn.Dropout(dropout)]
+            c = width
+        self.net = nn.Sequential(*layers, nn.Linear(width, dim))
+
+    def forward(self, x, t, y=None, extra=None):
+        parts = [x] + ([] if extra is None else [extra]) + [self.cond(t, y)]
+        return self.net(torch.cat(parts, dim=1))
+
+
+def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None):
+    """The network named by --arch for data of `shape` ((2,) or (C, H, W))."""
+    if args.arch == "mlp":
+        return MLP(shape[0], args.width, args.depth, num_classes, extra_ch, args.dropout)
+    C, H, W = shape
+    if args.arch == "unet":
+        attn = tuple(r for r in args.attn_res)
+        return UNet(C, out_ch, args.width, tuple(args.ch_mult), args.depth, attn, args.dropout,
+                    H, num_classes, extra_ch)
+    if args.arch == "dit":
+        return DiT(C, out_ch, H, args.patch, args.width, args.depth, args.heads, args.dropout,
+                   num_classes, extra_ch)
+    if args.arch == "func":
+        return FuncGenerator(C, H, args.patch, args.width, args.depth, args.heads, args.dropout,
+                             num_classes)
+    raise UserError(f"unknown arch '{args.arch}': choose one of {', '.join(ARCHS)}")
+
+
+def count_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+# INR-GENERATOR-SECTION (FuncGenerator for --arch func is added by consistency_func's issue)
+class FuncGenerator(nn.Module):
+    def __init__(self, *a, **k):
+        raise UserError("--arch func is not implemented yet")
+
+
+#################################################################################
+#                               3. ODE samplers                                 #
+#################################################################################
+
+@torch.no_grad()
+def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5,
+              return_traj=False):
+    """Solve dx/dt = v(x, t) from t0 to t1 (t1 < t0 integrates backwards, e.g. for inversion).
+
+    v(x, t) receives t as a float tensor [B]. method: 'euler' (nfe steps, NFE = nfe),
+    'heun' (nfe steps, NFE = 2 nfe), 'rk45' (adaptive Dormand-Prince, rtol/atol; nfe unused).
+    Returns (x_t1, info) with info = {'nfe': evaluations used, 'traj': [x at each step] or None}.
+    """
+    ones = torch.ones(x.shape[0], device=x.device)
+    traj = [x] if return_traj else None
+    if method in ("euler", "heun"):
+        if not nfe or nfe <= 0:
+            raise UserError(f"{method} needs a positive number of steps (got {nfe})")
+        ts = torch.linspace(t0, t1, nfe + 1).tolist()
+        for ta, tb in zip(ts[:-1], ts[1:]):
+            h, d = tb - ta, v(x, ta * ones)
+            if method == "heun":  # trapezoid predictor-corrector (2nd order)
+                d = 0.5 * (d + v(x + h * d, tb * ones))
+            x = x + h * d
+            if return_traj:
+                traj.append(x)
+        return x, {"nfe": nfe * (2 if method == "heun" else 1), "traj": traj}
+    if method == "rk45":
+        return _dopri5(v, x, t0, t1, rtol, atol, ones, traj)
+    raise UserError(f"unknown sampler '{method}': use euler, heun or rk45")
+
+
+# Dormand-Prince 5(4) tableau: the 5th-order solution propagates, the 4th-order one
+# estimates the local error (the same pair as scipy's RK45, which rectified flow uses).
+_DP_C = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1]
+_DP_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
+         [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+         [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+         [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]]
+_DP_E = [71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]  # b5 - b4
+
+
+def _dopri5(v, x, t0, t1, rtol, atol, ones, traj):
+    direction, t, nfe = (1.0 if t1 >= t0 else -1.0), t0, 1
+    k1 = v(x, t * ones)
+    h = direction * min(0.01, abs(t1 - t0))
+    while direction * (t1 - t) > 1e-12:
+        h = direction * min(abs(h), abs(t1 - t))
+        ks = [k1]
+        for i in range(1, 7):
+            xi = x + h * sum(a * k for a, k in zip(_DP_A[i], ks) if a)
+            ks.append(v(xi, (t + _DP_C[i] * h) * ones))
+        nfe += 6
+        x_new = xi  # the 7th stage point is the 5th-order solution (FSAL)
+        err = h * sum(e * k for e, k in zip(_DP_E, ks) if e)
+        scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
+        err_norm = (err / scale).pow(2).mean().sqrt().item()
+        if err_norm <= 1.0:
+            t, x, k1 = t + h, x_new, ks[6]
+            if traj is not None:
+                traj.append(x)
+        h = h * min(10.0, max(0.2, 0.9 * (err_norm + 1e-12) ** -0.2))
+    return x, {"nfe": nfe, "traj": traj}
+
+
+@torch.no_grad()
+def straightness(v, x0, steps=100):
+    """Straightness S (RF paper, Eq. 3) on the simulated flow: mean over Euler steps of
+    ||(Z1 - Z0) - v(Z_t, t)||^2 (squared norm summed over dimensions, averaged over samples)."""
+    x, vs = x0, []
+    for t in torch.linspace(0, 1, steps + 1)[:-1].tolist():
+        vs.append(v(x, torch.full((x.shape[0],), t, device=x.device)))
+        x = x + vs[-1] / steps
+    return sum(((x - x0) - vi).flatten(1).pow(2).sum(1).mean() for vi in vs).item() / steps
+
+
+#################################################################################
+#                                   4. Data                                     #
+#################################################################################
+
+def toy_sample(name, n, generator=None):
+    """n points (float32 [n, 2], roughly in [-4, 4]) and class labels from a 2-D toy.
+
+    Labels: mixture component (8gaussians, tri-*), arm (spirals), half (moons), ring
+    (circles), square colour (checkerboard). tri-src / tri-tgt are the rectified-flow
+    paper's data->data pair: three Gaussians on the left, three on the right.
+    """
+    g = generator
+    rand = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if name == "8gaussians":
+        y = torch.randint(0, 8, (n,), generator=g)
+        angle = y.float() * (2 * math.pi / 8)
+        x = 3.0 * torch.stack([angle.cos(), angle.sin()], 1) + 0.3 * randn(n, 2)
+    elif name in ("tri-src", "tri-tgt"):
+        y = torch.randint(0, 3, (n,), generator=g)
+        side = -3.0 if name == "tri-src" else 3.0
+        centres = torch.tensor([[side, 2.5], [side, 0.0], [side, -2.5]])
+        x = centres[y] + 0.35 * randn(n, 2)
+    elif name == "moons":
+        y = torch.randint(0, 2, (n,), generator=g)
+        a = math.pi * rand(n)
+        upper = torch.stack([a.cos(), a.sin()], 1)
+        lower = torch.stack([1 - a.cos(), 0.5 - a.sin()], 1)
+        x = torch.where(y[:, None] == 0, upper, lower)
+        x = 2.0 * (x - torch.tensor([0.5, 0.25])) + 0.1 * randn(n, 2)
+    elif name == "checkerboard":  # 4x4 board of 2x2 squares, alternate squares filled
+        x1 = 4 * rand(n) - 2
+        y = torch.randint(0, 2, (n,), generator=g)
+        x2 = rand(n) - 2.0 * y + torch.floor(x1) % 2
+        x = 2.0 * torch.stack([x1, x2], 1)
+    elif name == "spirals":
+        y = torch.randint(0, 2, (n,), generator=g)
+        r = rand(n).sqrt() * 3.5
+        angle = 2.5 * r + math.pi * y.float()
+        x = torch.stack([r * angle.cos(), r * angle.sin()], 1) + 0.1 * randn(n, 2)
+    elif name == "circles":
+        y = torch.randint(0, 2, (n,), generator=g)
+        angle = 2 * math.pi * rand(n)
+        r = 1.5 + 1.5 * y.float()
+        x = r[:, None] * torch.stack([angle.cos(), angle.sin()], 1) + 0.1 * randn(n, 2)
+    else:
+        raise UserError(f"unknown 2-D distribution '{name}': choose one of "
+                        f"{', '.join(TOY_DATASETS[:-1])}")
+    return x.float(), y
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that items are (x, y, index), index being the global dataset index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, (y if isinstance(y, int) else -1), i
+
+
+@dataclass
+class Data:
+    """A training set: `dataset` yields (x, y, index); tensor-backed data keeps x, y in memory."""
+    name: str
+    shape: tuple
+    num_classes: int
+    dataset: torch.utils.data.Dataset = None
+    x: torch.Tensor = None  # in-memory data (2-D toys, points)
+    y: torch.Tensor = None
+
+    @property
+    def is_image(self):
+        return len(self.shape) == 3
+
+    def __len__(self):
+        return len(self.x) if self.x is not None else len(self.dataset)
+
+    def fresh(self, n, seed=12345):
+        """Reference samples for 2-D metrics: new draws from the toy (not the training set)."""
+        if self.name in TOY_DATASETS[:-1]:
+            return toy_sample(self.name, n, torch.Generator().manual_seed(seed))[0]
+        g = torch.Generator().manual_seed(seed)
+        return self.x[torch.randint(0, len(self.x), (n,), generator=g)]
+
+
+def _image_transform(size, crop=None):
+    import torchvision.transforms as T
+    ops = ([T.CenterCrop(crop)] if crop else []) + [T.Resize(size, antialias=True),
+                                                    T.CenterCrop(size)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])  # [-1, 1]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A flat list of image files (label -1), loaded as RGB."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), -1
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _image_folder(root, transform):
+    """Images under `root`; labels from sub-folders when every image sits in one."""
+    import torchvision
+    if not os.path.isdir(root):
+        raise UserError(f"image folder '{root}' does not exist: pass --data-dir with your images")
+    subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    top = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTS))
+    if subdirs and not top:
+        try:
+            ds = torchvision.datasets.ImageFolder(root, transform=transform,
+                                                  loader=lambda p: _rgb(p))
+            return ds, len(ds.classes)
+        except FileNotFoundError:
+            pass
+    files = top or sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
+                          if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) found in '{root}': "
+                        "point --data-dir at a folder of images")
+    return ImageFiles(files, transform), 0
+
+
+def _rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_data(args, name=None, data_dir=None, train=True):
+    """The training set named by --dataset (or `name`), as a Data."""
+    import torchvision
+    name, root = name or args.dataset, data_dir or args.data_dir
+    if name in TOY_DATASETS[:-1]:
+        x, y = toy_sample(name, 20_000, torch.Generator().manual_seed(0))  # fixed training set
+        ncls = {"8gaussians": 8, "tri-src": 3, "tri-tgt": 3}.get(name, 2)
+        return Data(name, (2,), ncls, x=x, y=y)
+    if name == "points":
+        if not (os.path.isfile(root) and root.endswith(".npy")):
+            raise UserError(f"--dataset points needs --data-dir FILE.npy (got '{root}')")
+        x = np.load(root, allow_pickle=False)
+        if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2 or not np.isfinite(x).all():
+            raise UserError(f"{root} has shape {x.shape}; --dataset points needs finite "
+                            "values of shape [N, 2] with N >= 2")
+        x = torch.from_numpy(x).float()
+        return Data("points", (2,), 0, x=x, y=torch.zeros(len(x), dtype=torch.long))
+    size = args.image_size
+    if name == "cifar10":
+        tf = _image_transform(size)
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=train, transform=tf, download=True)
+        except Exception as e:  # noqa: BLE001 (network errors come in many types)
+            raise UserError(f"CIFAR-10 is not in '{root}' and could not be downloaded "
+                            f"({type(e).__name__}): put cifar-10-batches-py/ there") from None
+        return Data(name, (3, size, size), 10, dataset=IndexedDataset(ds))
+    if name == "celeba":
+        # 178x218 aligned faces -> centre crop 140 -> resize (the usual CelebA-64 protocol)
+        tf = _image_transform(size, crop=140)
+        if os.path.isdir(os.path.join(root, "celeba", "img_align_celeba")):
+            try:
+                ds = torchvision.datasets.CelebA(root, split="train" if train else "test",
+                                                 target_type=[], transform=tf, download=False)
+                return Data(name, (3, size, size), 0, dataset=IndexedDataset(_NoTarget(ds)))
+            except RuntimeError:
+                pass  # annotation files missing: fall back to the plain image folder
+        folder = os.path.join(root, "celeba", "img_align_celeba")
+        folder = folder if os.path.isdir(folder) else root
+        if not os.path.isdir(folder) or not any(f.lower().endswith(IMAGE_EXTS)
+                                                for f in os.listdir(folder)):
+            raise UserError(f"CelebA not found in '{root}': unzip img_align_celeba.zip into "
+                            f"{root}/celeba/ (torchvision's Google Drive download often fails, "
+                            "so we do not try)")
+        ds, _ = _image_folder(folder, tf)
+        return Data(name, (3, size, size), 0, dataset=IndexedDataset(ds))
+    if name == "folder":
+        ds, ncls = _image_folder(root, _image_transform(size))
+        return Data(name, (3, size, size), ncls, dataset=IndexedDataset(ds))
+    raise UserError(f"unknown dataset '{name}': choose one of {', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
+
+
+class _NoTarget(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][0], -1
+
+
+class ResumableBatches:
+    """Endless (x, y, index) batches for this rank, starting at any training step.
+
+    Epoch e uses a DistributedSampler (shuffle, seed, drop_last) with set_epoch(e), so the
+    order depends only on (seed, epoch, rank, world size); starting at step s skips the
+    first s mod (batches per epoch) batches of that epoch without loading them, which is
+    what makes --resume continue exactly. Tensor-backed data is indexed directly.
+    """
+
+    def __init__(self, data, batch_size, run, seed=0, start_step=0, workers=0):
+        from torch.utils.data import DataLoader, DistributedSampler
+        self.data, self.batch, self.run, self.workers = data, batch_size, run, workers
+        self.sampler = DistributedSampler(range(len(data)), num_replicas=run.world, rank=run.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise UserError(f"the dataset has {len(data)} items, fewer than one batch of "
+                            f"{batch_size} per rank: lower --batch-size")
+        self.step, self.DataLoader = start_step, DataLoader
+
+    @property
+    def epoch(self):
+        """Epoch of the next batch (Integration Flow's w = 1/(epoch + 1) reads this)."""
+        return self.step // self.per_epoch
+
+    def __iter__(self):
+        while True:
+            epoch, skip = divmod(self.step, self.per_epoch)
+            self.sampler.set_epoch(epoch)
+            idx = torch.tensor(list(self.sampler))[: self.per_epoch * self.batch]
+            batches = idx.view(self.per_epoch, self.batch)[skip:]
+            if self.data.x is not None:
+                for b in batches:
+                    self.step += 1
+                    yield self._to_device(self.data.x[b], self.data.y[b], b)
+            else:
+                loader = self.DataLoader(self.data.dataset, batch_sampler=batches.tolist(),
+                                         num_workers=self.workers,
+                                         pin_memory=self.run.device.type == "cuda")
+                for x, y, i in loader:
+                    self.step += 1
+                    yield self._to_device(x, y, i)
+
+    def _to_device(self, x, y, i):
+        dev = self.run.device
+        x = x.to(dev, non_blocking=True)
+        if self.run.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(dev, non_blocking=True), i.to(dev, non_blocking=True)
+
+
+def random_hflip(x):
+    """Flip each image left-right with probability 1/2 (on the device, from the torch RNG,
+    so that resumed runs draw the same flips)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
+
+
+def uint8_batches(data, batch_size=250):
+    """The whole training set as uint8 image batches (for FID reference statistics)."""
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=2)
+    for x, _, _ in loader:
+        yield to_uint8(x)
+
+
+#################################################################################
+#                                5. Evaluation                                  #
+#################################################################################
+
+# FID-SECTION
+def to_uint8(x):
+    """[-1, 1] float images -> uint8 [0, 255], rounded like a saved PNG."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def sliced_wasserstein(a, b, n_proj=512, seed=0):
+    """Sliced 2-Wasserstein distance between point sets [N, D] and [M, D] (subsampled to the
+    smaller N): sqrt of the mean over random directions of the 1-D W2^2 between projections."""
+    n = min(len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+    a = a[torch.randperm(len(a), generator=g)[:n]].double().cpu()
+    b = b[torch.randperm(len(b), generator=g)[:n]].double().cpu()
+    dirs = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, pb = (a @ dirs).sort(0)[0], (b @ dirs).sort(0)[0]
+    return (pa - pb).pow(2).mean().sqrt().item()
+
+
+def energy_distance(a, b):
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (>= 0, zero iff equal distributions)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return (2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
+
+
+def toy_metrics(samples, reference):
+    """The one 2-D metric function every method and toy2d.py report."""
+    return {"sw2": sliced_wasserstein(samples, reference), "energy": energy_distance(samples, reference)}
+
+
+#################################################################################
+#                            6. Training plumbing                               #
+#################################################################################
+
+class EMA:
+    """Exponential moving average of a network's weights, kept in a frozen copy that
+    evaluation and sampling use (the training network is never swapped)."""
+
+    def __init__(self, net, decay):
+        self.model = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, net):
+        ema_p, net_p = list(self.model.parameters()), list(net.parameters())
+        torch._foreach_lerp_(ema_p, net_p, 1.0 - self.decay)  # p_ema += (1 - decay)(p - p_ema)
+        for b_ema, b in zip(self.model.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd):
+        self.model.load_state_dict(sd)
+
+
+def optimize(opt, loss, net, args, step):
+    """One update: linear warmup of the learning rate, backward, gradient clipping, step."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    opt.step()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a run killed mid-write
+    leaves the previous file intact."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at '{path}': train first or pass --ckpt PATH")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (truncated zip, bad pickle, ...)
+        raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}): it is corrupt "
+                        "or not one of ours; use an earlier checkpoint or retrain") from None
+
+
+ARCH_KEYS = ("arch", "preset", "width", "depth", "image_size", "dataset")
+
+
+def load_state(obj, state, name, path, config=None):
+    """obj.load_state_dict(state) with a one-line error that names the flags to match."""
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        flags = " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in ARCH_KEYS
+                         if config and config.get(k) is not None)
+        raise UserError(f"checkpoint '{path}' does not fit this {name} ({first}); it was "
+                        f"written with {flags or 'other settings'}: pass the same flags") from None
+
+
+def load_weights(net, path, key="ema", device="cpu"):
+    """Load the EMA (default) weights of a checkpoint into net; returns the checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    if key not in ckpt.get("state", {}):
+        raise UserError(f"checkpoint '{path}' has no '{key}' weights")
+    load_state(net, ckpt["state"][key], "network", path, ckpt.get("config"))
+    return ckpt
+
+
+class Run:
+    """Where and how this process runs: device, DDP rank (torchrun), precision, run folder,
+    logging, NaN guard, checkpoints. Mirrors nanoGPT's train.py set-up."""
+
+    def __init__(self, args):
+        self.args = args
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        want_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if want_cuda and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here; use --device cpu")
+        if self.ddp:
+            import torch.distributed as dist
+            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = torch.device(f"cuda:{self.local_rank}" if want_cuda else "cpu")
+            if want_cuda:
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if want_cuda else "gloo")
+        else:
+            self.rank, self.world, self.local_rank = 0, 1, 0
+            self.device = torch.device(args.device or ("cuda" if want_cuda else "cpu"))
+        if args.batch_size % self.world:
+            raise UserError(f"--batch-size {args.batch_size} is not divisible by the "
+                            f"{self.world} processes")
+        self.master = self.rank == 0
+        self.local_batch = args.batch_size // self.world
+        if self.device.type == "cuda":  # TF32 matmuls/convs: free speed on Ampere and newer
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        bf16 = args.amp == "bf16" or (args.amp == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
+                         else nullcontext())
+        self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
+        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        if self.master:
+            os.makedirs(args.out_dir, exist_ok=True)
+
+    # ---- output ------------------------------------------------------------------
+    def print(self, *msg):
+        if self.master:
+            line = " ".join(str(m) for m in msg)
+            print(line, flush=True)
+            with open(os.path.join(self.args.out_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+
+    def log(self, step, loss, **scalars):
+        """Every step: fold loss into the NaN flag (no host sync). Every --log-every steps:
+        check the flag and print loss, logged numbers, steps/s and ETA."""
+        self._bad |= ~torch.isfinite(loss.detach()).all()
+        if not (self.due(step, self.args.log_every) or step == self.args.steps):
+            return
+        self.check_finite(step)
+        now = time.time()
+        rate = (step - self._mark[1]) / max(now - self._mark[0], 1e-9)
+        self._mark = (now, step)
+        eta = (self.args.steps - step) / rate if rate > 0 else 0
+        parts = [f"step {step}/{self.args.steps}", f"loss {loss.item():.4f}"]
+        parts += [f"{k} {float(v):.4g}" for k, v in scalars.items()]
+        parts += [f"{rate:.2f} steps/s", f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        self.print(" | ".join(parts))
+
+    def check_finite(self, step):
+        if self._bad.item():
+            raise UserError(f"loss became NaN/inf before step {step}; stopped without saving, "
+                            f"the last good checkpoint is {self.ckpt_path}: lower --lr or "
+                            "use --amp fp32, then --resume")
+
+    @staticmethod
+    def due(step, every):
+        return bool(every) and every > 0 and step % every == 0
+
+    # ---- networks ------------------------------------------------------------------
+    def wrap(self, net):
+        """The module to train with: channels_last, DDP, torch.compile. Checkpoints are saved
+        from the unwrapped `net`, so keys have no 'module.' or '_orig_mod.' prefix."""
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        model = net
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    # ---- checkpoints and exact resume ------------------------------------------------
+    def reseed(self, step):
+        """Seed every RNG from (seed, step, rank) at each checkpoint: a resumed run draws
+        exactly the noise the uninterrupted run drew, with no RNG state to store."""
+        torch.manual_seed((self.args.seed * 1_000_003 + step) * 4099 + self.rank)
+
+    def save(self, step, local=None, **state):
+        """Atomically write <out-dir>/ckpt.pt: objects with a state_dict (net, ema, opt)
+        and plain tensors/numbers, the step and the config. `local` is per-rank state
+        (e.g. ASFM's memory), written beside it as ckpt.rank<r>.pt under DDP."""
+        self.check_finite(step)
+        ckpt = {"step": step, "config": config_dict(self.args),
+                "state": {k: (v.state_dict() if hasattr(v, "state_dict") else v)
+                          for k, v in state.items()}}
+        if local is not None and self.world > 1:
+            save_atomic({"step": step, "local": local}, f"{self.ckpt_path}.rank{self.rank}")
+        elif local is not None:
+            ckpt["local"] = local
+        if self.ddp:
+            torch.distributed.barrier()  # rank files first, then the main file
+        if self.master:
+            save_atomic(ckpt, self.ckpt_path)
+        self.reseed(step)
+
+    def resume(self, **objects):
+        """With --resume and a checkpoint in --out-dir: load every object's state and return
+        (step, checkpoint dict, local state or None); otherwise (0, None, None)."""
+        if not (self.args.resume and os.path.isfile(self.ckpt_path)):
+            if self.args.resume:
+                self.print(f"no checkpoint at {self.ckpt_path}: starting from step 0")
+            self.reseed(0)
+            self._mark = (time.time(), 0)
+            return 0, None, None
+        ckpt = load_checkpoint(self.ckpt_path, self.device)
+        for name, obj in objects.items():
+            if name not in ckpt["state"]:
+                raise UserError(f"checkpoint '{self.ckpt_path}' has no '{name}': it was written "
+                                "by another method or stage; use another --out-dir")
+            load_state(obj, ckpt["state"][name], name, self.ckpt_path, ckpt["config"])
+        local = ckpt.get("local")
+        if self.world > 1 and os.path.isfile(f"{self.ckpt_path}.rank{self.rank}"):
+            rank_file = load_checkpoint(f"{self.ckpt_path}.rank{self.rank}", self.device)
+            local = rank_file["local"] if rank_file["step"] == ckpt["step"] else None
+        self.reseed(ckpt["step"])
+        self._mark = (time.time(), ckpt["step"])
+        self.print(f"resumed from {self.ckpt_path} at step {ckpt['step']}")
+        return ckpt["step"], ckpt, local
+
+    def close(self):
+        if self.ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def config_dict(args):
+    """argparse namespace -> plain dict that torch.load(weights_only=True) accepts."""
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, (list, tuple)):
+            v = [x for x in v if isinstance(x, (int, float, str, bool))]
+        if v is None or isinstance(v, (int, float, str, bool, list)):
+            out[k] = v
+    return out
+
+
+#################################################################################
+#                          Samples, images and benchmarks                       #
+#################################################################################
+
+def save_image_grid(x, path, nrow=None):
+    """Images in [-1, 1] -> one PNG grid."""
+    from torchvision.utils import save_image
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_image(x.float().cpu(), path, nrow=nrow or max(1, int(math.sqrt(len(x)))),
+               normalize=True, value_range=(-1, 1))
+
+
+def save_scatter(panels, path, lim=5.0, ref=None, size=3.0):
+    """2-D point sets side by side: panels = [(title, points [N, 2]), ...]; `ref` in grey."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (title, pts) in zip(axes[0], panels):
+        if ref is not None:
+            ax.scatter(*ref[:2000].cpu().T, s=1, c="0.8")
+        ax.scatter(*pts[:2000].float().cpu().T, s=1, c="C0")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xticks=[], yticks=[], aspect="equal")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def export_samples(path, samples, nfe):
+    """.npz with key `samples` (uint8 NHWC for images, float32 [N, 2] for 2-D) and `nfe`."""
+    s = samples.detach().float().cpu()
+    s = to_uint8(s).permute(0, 2, 3, 1).numpy() if s.ndim == 4 else s.numpy().astype(np.float32)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    np.savez(path, samples=s, nfe=np.array(nfe))
+
+
+def write_samples(args, data, sample_fn, run):
+    """--mode sample: --n samples at each --nfe from sample_fn(n, nfe) -> (x, nfe_used),
+    written as <samples-out>/nfe<k>.npz and a grid (images) or scatter plot (2-D)."""
+    panels = []
+    for nfe in args.nfe_list:
+        xs, used = [], None
+        for i in range(0, args.n, args.batch_size):
+            x, used = sample_fn(min(args.batch_size, args.n - i), nfe)
+            xs.append(x.float().cpu())
+        x = torch.cat(xs)
+        export_samples(os.path.join(args.samples_out, f"nfe{nfe}.npz"), x, used)
+        if data.is_image:
+            save_image_grid(x, os.path.join(args.samples_out, f"nfe{nfe}.png"))
+        panels.append((f"NFE {used}", x))
+        run.print(f"wrote {len(x)} samples (NFE {used}) to {args.samples_out}/nfe{nfe}.npz")
+    if not data.is_image:
+        save_scatter(panels, os.path.join(args.samples_out, "samples.png"), ref=data.fresh(2000))
+
+
+def evaluate(args, run, data, sample_fn, nfes=None, n=None):
+    """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
+    from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}."""
+    results, n = {}, n or args.fid_n
+    if data.is_image:
+        inception = load_fid_inception(run.device, args.inception_weights)
+        name = f"{args.dataset}-{args.image_size}"
+        if args.dataset == "folder":
+            name += "-" + os.path.basename(os.path.abspath(args.data_dir))
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "..", "fid_stats")
+        ref = reference_stats(name, lambda: uint8_batches(data), inception, cache)
+    else:
+        ref = data.fresh(n)
+    for nfe in nfes or args.nfe_list:
+        xs, used = [], None
+        for i in range(0, n, args.batch_size):
+            x, used = sample_fn(min(args.batch_size, n - i), nfe)
+            xs.append(x.float().cpu())
+        x = torch.cat(xs)
+        m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
+        m.update(nfe=used, n=len(x))
+        results[nfe] = m
+        run.print(f"eval nfe={nfe}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                                                 f"{k}={v}" for k, v in m.items()))
+    return results
+
+
+def benchmark(run, train_step, sample_fn, nfes, batch, iters=10, warmup=2):
+    """--mode bench: training steps/s, samples/s at each NFE, and peak memory."""
+    cuda = run.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn, k):
+        for _ in range(warmup):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(k):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / k
+
+    out = {"step_s": timed(train_step, iters)}
+    run.print(f"bench train: {1 / out['step_s']:.2f} steps/s ({out['step_s'] * 1e3:.1f} ms/step, "
+              f"batch {batch})")
+    for nfe in nfes:
+        sec = timed(lambda: sample_fn(batch, nfe), max(1, iters // 2))
+        out[f"samples_per_s_nfe{nfe}"] = batch / sec
+        run.print(f"bench sample nfe={nfe}: {batch / sec:.1f} samples/s (batch {batch})")
+    if cuda:
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    run.print(f"bench peak memory: {out['peak_mem_gb']:.2f} GiB ({'GPU' if cuda else 'process RSS'})")
+    return out
