@@ -26,11 +26,13 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 
 class UserError(ValueError):
@@ -416,7 +418,7 @@ def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None):
                    num_classes, extra_ch)
     if args.arch == "func":
         return FuncGenerator(C, H, args.patch, args.width, args.depth, args.heads, args.dropout,
-                             num_classes)
+                             num_classes, getattr(args, "inr_width", 64), getattr(args, "inr_depth", 3))
     raise UserError(f"unknown arch '{args.arch}': choose one of {', '.join(ARCHS)}")
 
 
@@ -424,10 +426,119 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-# INR-GENERATOR-SECTION (FuncGenerator for --arch func is added by consistency_func's issue)
+# INR-GENERATOR-SECTION (FuncGenerator for --arch func, used by consistency_func.py)
+def pixel_grid(size, device=None, batch=None, jitter=False):
+    """Pixel-centre coordinates of an H x W image on [-1, 1]^2: centres -1 + (2j + 1)/s, as
+    (y, x) pairs, shape (H, W, 2). jitter=True gives ANR's "variational coordinates": each
+    sample's grid moved by Gaussian noise of std 0.3/s clipped to +-0.5/s -> (batch, H, W, 2)."""
+    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    axes = [-1 + (2 * torch.arange(s, device=device, dtype=torch.float32) + 1) / s for s in (H, W)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    if not jitter:
+        return grid
+    half = 0.5 / torch.tensor([H, W], device=device, dtype=torch.float32)
+    noise = 0.6 * half * torch.randn(batch, H, W, 2, device=device)  # std 0.3/s
+    return grid + torch.maximum(torch.minimum(noise, half), -half)
+
+
 class FuncGenerator(nn.Module):
-    def __init__(self, *a, **k):
-        raise UserError("--arch func is not implemented yet")
+    """CM-Func's generator: noisy image -> image *function* (the weights of a coordinate MLP,
+    an INR), rendered at any resolution. Trans-INR style (Chen & Wang 2022), [reconstructed]:
+
+    - feature extraction: DiT on the patches of x with adaLN-Zero blocks conditioned on the
+      noise embedding t (t is multiplied by 1000 inside the embedding, like every network here);
+    - function prediction: learned weight tokens are appended to the patch sequence; after the
+      blocks, the g tokens of layer l each give one row-scale vector of length fan_in, which
+      modulates the shared base weight of that layer (column j uses token j mod g), then every
+      column is normalized to unit length; biases are the shared base biases;
+    - the INR: Fourier features cos/sin(pi w c), w geometric in [1, max_freq] (max_freq =
+      image_size/2, the training grid's Nyquist rate), then `inr_depth` linear layers with ReLU
+      between them -> C channels, evaluated on all pixels of a grid of any size at once.
+
+    forward(x, t) renders at x's resolution (on a jittered grid in training mode, see
+    pixel_grid), so the network plugs into code written for U-Net/DiT; `functions =
+    generate(x, t)` once, then `render(functions, size)` at as many sizes as you like.
+    """
+
+    def __init__(self, in_ch=3, image_size=32, patch=2, width=384, depth=12, heads=6, dropout=0.0,
+                 num_classes=0, inr_width=64, inr_depth=3, groups=None, fourier=16, max_freq=None,
+                 jitter=True):
+        super().__init__()
+        if image_size % patch:
+            raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
+        groups = groups or max(1, inr_width // 4)
+        if inr_depth < 2 or inr_width % groups:
+            raise UserError(f"--inr-depth must be >= 2 and --inr-width ({inr_width}) a multiple "
+                            f"of the {groups} weight-token groups")
+        self.out_ch, self.image_size, self.jitter = in_ch, image_size, jitter
+        grid = image_size // patch
+        self.embed = nn.Conv2d(in_ch, width, patch, stride=patch)
+        self.register_buffer("pos", sincos_pos_embed_2d(width, grid)[None], persistent=False)
+        self.cond = Conditioning(256, width, num_classes)
+        self.blocks = nn.ModuleList([DiTBlock(width, heads, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), zero_(nn.Linear(width, 2 * width)))
+        # the INR's Fourier frequencies (fixed) and layer shapes (fan_in + 1 bias row, fan_out)
+        max_freq = max_freq or image_size / 2
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), fourier)),
+                             persistent=False)
+        dims = [4 * fourier] + [inr_width] * (inr_depth - 1) + [in_ch]
+        self.base, self.post, self.ranges, n = nn.ParameterList(), nn.ModuleList(), [], 0
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            layer = nn.Linear(fan_in, fan_out)  # PyTorch's default init for the shared base
+            self.base.append(nn.Parameter(torch.cat([layer.weight.T, layer.bias[None]]).detach()))
+            self.post.append(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, fan_in)))
+            g = min(groups, fan_out)
+            self.ranges.append((n, n + g))
+            n += g
+        self.tokens = nn.Parameter(torch.randn(1, n, width) * 0.02)
+
+    def generate(self, x, t, y=None):
+        """(B, C, H, W) at the training resolution, t [B] -> the B functions: one weight tensor
+        (B, fan_in + 1, fan_out) per INR layer (last row = bias)."""
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise UserError(f"the function generator was built for {self.image_size}px inputs, "
+                            f"got {tuple(x.shape[-2:])}; render other sizes with net.render")
+        B = x.shape[0]
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, C, H, W) -> (B, N, D)
+        h = torch.cat([h, self.tokens.expand(B, -1, -1)], dim=1)  # + weight tokens (B, N + T, D)
+        c = self.cond(t, y)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        tokens = modulate(self.norm(h[:, -self.tokens.shape[1]:]), shift, scale)  # (B, T, D)
+        functions = []
+        for base, post, (lo, hi) in zip(self.base, self.post, self.ranges):
+            rows = post(tokens[:, lo:hi]).transpose(1, 2)  # (B, fan_in, g)
+            w = base[:-1] * rows.repeat(1, 1, base.shape[1] // (hi - lo))
+            w = F.normalize(w, dim=1)  # unit-length columns (Trans-INR)
+            functions.append(torch.cat([w, base[-1:].expand(B, 1, -1).to(w.dtype)], dim=1))
+        return functions
+
+    def render(self, functions, size=None, coords=None, jitter=False):
+        """Evaluate the functions on the pixel-centre grid of `size` (int or (H, W); default the
+        training size) or on given coords ((H, W, 2) shared or (B, H, W, 2)) -> (B, C, H, W)."""
+        B = functions[0].shape[0]
+        if coords is None:
+            coords = pixel_grid(size or self.image_size, functions[0].device, B, jitter)
+        H, W = coords.shape[-3:-1]
+        angles = math.pi * coords[..., None] * self.freqs  # (.., H, W, 2, F)
+        h = torch.cat([angles.cos(), angles.sin()], dim=-1).reshape(-1, H * W, 4 * len(self.freqs))
+        for i, wb in enumerate(functions):  # (1 or B, HW, fan_in) -> (B, HW, fan_out)
+            h = torch.matmul(h.to(wb.dtype), wb[:, :-1]) + wb[:, -1:]
+            if i < len(functions) - 1:
+                h = F.relu(h)
+        return h.transpose(1, 2).reshape(B, self.out_ch, H, W)
+
+    def forward(self, x, t, y=None, extra=None, coords=None):
+        """The rendered image F(x, t): at x's resolution by default (jittered grid in training
+        mode), at another size if coords is an int or (H, W), or on the given coordinates."""
+        if extra is not None:
+            raise UserError("--arch func takes no extra input channels; use --arch unet or dit")
+        functions = self.generate(x, t, y)
+        if torch.is_tensor(coords):
+            return self.render(functions, coords=coords)
+        return self.render(functions, coords or x.shape[-2:], jitter=self.training and self.jitter)
 
 
 #################################################################################
@@ -777,13 +888,240 @@ def uint8_batches(data, batch_size=250):
 
 
 #################################################################################
-#                                5. Evaluation                                  #
+#      5a. FID Inception (the TF graph of the FID paper, as in pytorch-fid)     #
 #################################################################################
 
-# FID-SECTION
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + FID_WEIGHTS_NAME)
+
+# torchvision's Inception blocks (same parameters) with TF's pooling in the pool branch:
+# TF's average pool divides by the number of valid pixels, torchvision's also counts the padding.
+_tf_avg_pool = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+_tf_max_pool = partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
+
+
+class FIDInceptionA(torchvision.models.inception.InceptionA):
+    pool = staticmethod(_tf_avg_pool)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInceptionC(torchvision.models.inception.InceptionC):
+    pool = staticmethod(_tf_avg_pool)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for i in range(1, 6):
+            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInceptionE(torchvision.models.inception.InceptionE):
+    pool = staticmethod(_tf_avg_pool)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 as in TF's FID code (pytorch-fid, clean-fid legacy_pytorch mode).
+    forward(x): x is (B, 3 or 1, H, W), float in [0, 1] or uint8 in [0, 255]; returns
+    (pool_3 features (B, 2048), logits (B, 1008)). The logits are pool_3 @ W without the fc
+    bias, as in the original Inception Score code (openai/improved-gan) and torch-fidelity's
+    'logits_unbiased'. Parameter names are those of the pytorch-fid weight file."""
+
+    def __init__(self):
+        super().__init__()
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                              num_classes=1008)
+        net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
+        net.Mixed_5d = FIDInceptionA(288, 64)
+        net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+        net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+        net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280), FIDInceptionE(2048)
+        # The TF graph max-pools in its last block (unlike the paper); features depend on it.
+        net.Mixed_7c.pool = _tf_max_pool
+        # Children at top level (in order) so that state_dict keys match the .pth file.
+        for name, module in net.named_children():
+            setattr(self, name, module)
+        self.trunk = [n for n, _ in net.named_children() if n not in ("avgpool", "dropout", "fc")]
+
+    def forward(self, x):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        for name in self.trunk:
+            x = getattr(self, name)(x)
+        feats = x.mean((2, 3))
+        return feats, feats @ self.fc.weight.T
+
+
+def load_fid_inception(device, weights=None):
+    """FIDInception in eval mode without gradients. weights: None downloads the pytorch-fid
+    weights once into the torch hub cache; a path loads that file; 'random' (tests only)
+    keeps the random init."""
+    if weights is None:
+        try:
+            state = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu",
+                                                       progress=False, weights_only=True)
+        except OSError as e:  # URLError, HTTPError, timeouts: no usable network
+            where = os.path.join(torch.hub.get_dir(), "checkpoints")
+            why = f"{type(e).__name__}: {e}".replace("\n", " ")
+            raise UserError(f"FID needs the Inception weights {FID_WEIGHTS_NAME}: download "
+                               f"{FID_WEIGHTS_URL} into {where}/ (or pass --inception-weights "
+                               f"PATH); the download failed ({why})") from e
+    elif weights != "random":
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    model = FIDInception()
+    if weights != "random":
+        model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=200):
+    """images: a uint8 tensor (N, 3, H, W) or an iterable of such batches.
+    Returns (features (N, 2048), logits (N, 1008)) as float64 numpy arrays."""
+    dev = next(model.parameters()).device
+    feats, logits = [], []
+    for batch in [images] if torch.is_tensor(images) else images:
+        if batch.dtype != torch.uint8:  # catches [-1, 1] samples passed without to_uint8
+            raise TypeError(f"inception_features wants uint8 images, got {batch.dtype}")
+        for chunk in batch.split(batch_size):
+            with torch.autocast(dev.type, enabled=False):  # full precision even inside autocast
+                f, l = model(chunk.to(dev, non_blocking=True))
+            feats.append(f.double().cpu())
+            logits.append(l.double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
 def to_uint8(x):
-    """[-1, 1] float images -> uint8 [0, 255], rounded like a saved PNG."""
+    """Images in [-1, 1] -> uint8 [0, 255], the values a saved PNG would hold (samples are
+    quantized like the real images before Inception sees them)."""
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+#################################################################################
+#                 5b. FID, Inception Score, precision and recall                #
+#################################################################################
+
+def feature_stats(features):
+    """Mean and covariance (float64) of features (N, D)."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2), in float64, without scipy."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"frechet_distance: shapes do not match: mu1 {mu1.shape}, "
+                         f"mu2 {mu2.shape}, sigma1 {s1.shape}, sigma2 {s2.shape}")
+    # With R = s1^(1/2) (symmetric PSD), s1 s2 = R (R s2) and M = (R s2) R = R s2 R: AB and BA
+    # have the same eigenvalues, and M is symmetric PSD. So s1 s2 has real eigenvalues
+    # lambda_i >= 0 and tr sqrt(s1 s2) = sum_i sqrt(lambda_i), which eigvalsh(M) gives stably
+    # (scipy's sqrtm of the non-symmetric product can return complex noise instead).
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r @ s2 @ r
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _logsumexp(a, axis):
+    m = a.max(axis, keepdims=True)
+    return m + np.log(np.exp(a - m).sum(axis, keepdims=True))
+
+
+def inception_score(logits, splits=10):
+    """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) on each of `splits`
+    consecutive parts; returns (mean, std) over parts. The softmax runs over all 1008 outputs,
+    as the original TF code does (1000 ImageNet classes plus 8 unused ones)."""
+    logp = np.asarray(logits, np.float64)
+    logp = logp - _logsumexp(logp, 1)  # log-softmax: no log(0) for confident predictions
+    n, splits = len(logp), min(splits, len(logp))
+    scores = []
+    for i in range(splits):  # the original's part boundaries i * n // splits
+        part = logp[i * n // splits:(i + 1) * n // splits]
+        logpy = _logsumexp(part, 0) - np.log(len(part))
+        scores.append(np.exp((np.exp(part) * (part - logpy)).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _knn_radii(x, k, batch):
+    # kth value k + 1 because each point's nearest neighbour is itself, at distance 0.
+    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(batch)])
+
+
+def _coverage(points, centers, radii, batch):
+    """Fraction of points inside at least one ball (centers[j], radii[j])."""
+    inside = [(torch.cdist(c, centers) <= radii).any(1) for c in points.split(batch)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_features, fake_features, k=3, batch=1024, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the
+    union of balls reaching each point's k-th nearest neighbour in its own set. precision =
+    fraction of fake points on the real manifold, recall = fraction of real points on the fake
+    one. Distances in float64, `batch` rows at a time (10k x 10k fits in memory)."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64, device=device)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall needs more than k={k} points per set, "
+                         f"got {len(real)} real and {len(fake)} fake")
+    precision = _coverage(fake, real, _knn_radii(real, k, batch), batch)
+    recall = _coverage(real, fake, _knn_radii(fake, k, batch), batch)
+    return precision, recall
+
+
+def reference_stats(name, images_uint8_iter_fn, model, cache_dir, max_features=10000):
+    """Inception statistics of a whole training set, computed once and cached as
+    cache_dir/fid_ref_{name}.npz (name says dataset and resolution, e.g. 'cifar10-32').
+    images_uint8_iter_fn() yields uint8 batches. Returns {'mu', 'sigma', 'features', 'n'}:
+    'features' is a fixed random subset of at most max_features rows for precision/recall."""
+    path = os.path.join(cache_dir, f"fid_ref_{name}.npz")
+    if not os.path.exists(path):
+        feats, _ = inception_features(model, images_uint8_iter_fn())
+        mu, sigma = feature_stats(feats)
+        keep = np.sort(np.random.default_rng(0).permutation(len(feats))[:max_features])
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # same directory, so os.replace is atomic
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            # float32 loses nothing: the network computes the features in float32
+            np.savez(f, mu=mu, sigma=sigma, features=feats[keep].astype(np.float32),
+                     n=np.int64(len(feats)))
+        os.replace(tmp, path)
+    with np.load(path, allow_pickle=False) as f:
+        return {key: f[key] for key in f.files}
+
+
+def fid_report(model, fake_uint8, ref):
+    """FID, IS and precision/recall of fake uint8 images (N, 3, H, W) against reference_stats."""
+    feats, logits = inception_features(model, fake_uint8)
+    mu, sigma = feature_stats(feats)
+    is_mean, is_std = inception_score(logits)
+    # k-NN radii grow as a set gets sparser, so compare sets of equal size; samples are
+    # i.i.d. and ref['features'] is already a random subset, so leading rows are fair subsets.
+    n = min(len(feats), len(ref["features"]))
+    precision, recall = precision_recall(ref["features"][:n], feats[:n],
+                                         device=next(model.parameters()).device)
+    return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "is": is_mean,
+            "is_std": is_std, "precision": precision, "recall": recall, "n": len(feats)}
 
 
 def sliced_wasserstein(a, b, n_proj=512, seed=0):
@@ -925,18 +1263,22 @@ class Run:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else nullcontext())
         self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
-        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
         if self.master:
             os.makedirs(args.out_dir, exist_ok=True)
 
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.out_dir, "ckpt.pt")
+
     # ---- output ------------------------------------------------------------------
     def print(self, *msg):
         if self.master:
             line = " ".join(str(m) for m in msg)
             print(line, flush=True)
+            os.makedirs(self.args.out_dir, exist_ok=True)
             with open(os.path.join(self.args.out_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
@@ -1066,6 +1408,27 @@ def save_scatter(panels, path, lim=5.0, ref=None, size=3.0):
         if ref is not None:
             ax.scatter(*ref[:2000].cpu().T, s=1, c="0.8")
         ax.scatter(*pts[:2000].float().cpu().T, s=1, c="C0")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xticks=[], yticks=[], aspect="equal")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_trajectories(panels, path, lim=5.0, ref=None, n_paths=64, size=3.0):
+    """2-D ODE paths side by side: panels = [(title, [x_0, x_1, ..., x_N] each [B, 2]), ...].
+    Grey: reference data; lines: the first n_paths trajectories; dots: their end points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (title, traj) in zip(axes[0], panels):
+        path_xy = torch.stack([p[:n_paths].float().cpu() for p in traj])  # (T, n, 2)
+        if ref is not None:
+            ax.scatter(*ref[:2000].cpu().T, s=1, c="0.85")
+        ax.plot(path_xy[:, :, 0], path_xy[:, :, 1], lw=0.6, c="C0", alpha=0.7)
+        ax.scatter(*path_xy[0].T, s=4, c="k")
+        ax.scatter(*path_xy[-1].T, s=4, c="C3")
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xticks=[], yticks=[], aspect="equal")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
