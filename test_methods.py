@@ -1127,3 +1127,254 @@ def test_resume_needs_matching_bank_mode(tmp_path):
     with pytest.raises(common.UserError, match="no anchor bank"):
         IF.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "2",
                       "--resume"))
+
+
+#################################################################################
+#                              consistency_func.py                              #
+#################################################################################
+
+import consistency_func as cf  # noqa: E402
+
+
+# ---- iCT formulas against hand-computed values ----------------------------------------
+
+def test_karras_grid_endpoints_and_middle():
+    s = cf.karras_sigmas(3)
+    assert s[0].item() == pytest.approx(0.002, rel=1e-12)
+    assert s[-1].item() == pytest.approx(80.0, rel=1e-12)
+    # ((0.002^(1/7) + 80^(1/7)) / 2)^7 by hand
+    assert s[1].item() == pytest.approx(2.515218976, rel=1e-8)
+    assert torch.all(cf.karras_sigmas(1281).diff() > 0)
+
+
+def test_curriculum_stages():
+    # K = 800: K' = floor(800 / (log2(floor(1280/10)) + 1)) = floor(800 / 8) = 100
+    assert [cf.num_scales(k, 800) for k in (0, 99, 100, 199, 200, 300, 699, 700, 799)] == \
+        [11, 11, 21, 21, 41, 81, 641, 1281, 1281]
+    # K = 1000: K' = 125; the cap s1 + 1 = 1281 is reached at stage 7
+    assert cf.num_scales(124, 1000) == 11 and cf.num_scales(125, 1000) == 21
+    assert cf.num_scales(10 ** 6, 1000) == 1281
+
+
+def test_index_probabilities():
+    s = cf.karras_sigmas(3).tolist()
+    cdf = [math.erf((math.log(v) + 1.1) / (math.sqrt(2) * 2.0)) for v in s]
+    raw = [cdf[1] - cdf[0], cdf[2] - cdf[1]]
+    p = cf.index_probs(cf.karras_sigmas(3))
+    assert p.tolist() == pytest.approx([r / sum(raw) for r in raw], rel=1e-12)
+    for N in (11, 1281):
+        p = cf.index_probs(cf.karras_sigmas(N))
+        assert len(p) == N - 1 and (p >= 0).all() and p.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_scalings_and_boundary_condition_exact():
+    m = cf.ConsistencyTraining(100)
+    sigma = torch.tensor([0.002, 1.0, 80.0])
+    c_skip, c_out, c_in = m.scalings(sigma)
+    assert c_skip.tolist() == pytest.approx([1.0, 0.25 / (0.998 ** 2 + 0.25), 0.25 / (79.998 ** 2 + 0.25)])
+    assert c_out.tolist() == pytest.approx([0.0, 0.5 * 0.998 / math.sqrt(1.25), 0.5 * 79.998 / math.sqrt(6400.25)])
+    assert c_in.tolist() == pytest.approx([1 / math.sqrt(0.25 + 0.002 ** 2), 1 / math.sqrt(1.25), 1 / math.sqrt(6400.25)])
+    torch.manual_seed(0)
+    for net, x in ((common.MLP(2, 32, 2), torch.randn(5, 2)),
+                   (common.FuncGenerator(3, 8, 2, 32, 1, 4), torch.randn(5, 3, 8, 8))):
+        smin = torch.full((5,), cf.SIGMA_MIN)
+        assert torch.equal(m.denoise(net, x, smin), x)  # f(x, sigma_min) = x exactly
+
+
+class ZeroNet(nn.Module):
+    def forward(self, x, t, y=None):
+        return torch.zeros_like(x)
+
+
+def test_loss_value_weight_and_huber_constant():
+    """With F = 0, f = c_skip x_sigma, so the loss can be recomputed by hand from the same draws."""
+    m, x = cf.ConsistencyTraining(800), torch.randn(6, 3, 4, 4)
+    torch.manual_seed(1)
+    loss, logs = m.loss(ZeroNet(), x, k=150)  # stage 1: N = 21
+    assert logs["N"] == 21
+    torch.manual_seed(1)
+    s = cf.karras_sigmas(21)
+    i = torch.multinomial(cf.index_probs(s), 6, replacement=True)
+    z = torch.randn_like(x)
+    s0, s1 = s[i].float().view(-1, 1, 1, 1), s[i + 1].float().view(-1, 1, 1, 1)
+    skip = lambda sig: 0.25 / ((sig - 0.002) ** 2 + 0.25)  # noqa: E731
+    diff = (skip(s1) * (x + s1 * z) - skip(s0) * (x + s0 * z)).flatten(1)
+    c = 0.00054 * math.sqrt(48)
+    d = (diff.pow(2).sum(1) + c ** 2).sqrt() - c
+    expected = (d / (s[i + 1] - s[i]).float()).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class Recorder(nn.Module):
+    """Records every call: input, t, whether grad is on, and its dropout mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop, self.calls = nn.Linear(2, 2), nn.Dropout(0.5), []
+
+    def forward(self, x, t, y=None):
+        mask = self.drop(torch.ones_like(x))
+        self.calls.append(dict(x=x.detach(), t=t.detach(), grad=torch.is_grad_enabled(), mask=mask))
+        return self.lin(x) * mask
+
+
+def test_teacher_no_grad_same_noise_same_dropout():
+    m, net = cf.ConsistencyTraining(100), Recorder().train()
+    x = torch.randn(64, 2)
+    loss, _ = m.loss(net, x, k=0)
+    teacher, student = net.calls
+    assert not teacher["grad"] and student["grad"]
+    assert torch.equal(teacher["mask"], student["mask"])  # same dropout randomness
+    assert not torch.equal(teacher["mask"], torch.ones_like(x))
+    z = []
+    for call in (teacher, student):  # recover z from x_in = c_in (x + sigma z), sigma = exp(4 t)
+        sigma = (4 * call["t"].double()).exp()
+        c_in = 1 / (sigma ** 2 + 0.25).sqrt()
+        z.append((call["x"].double() / c_in[:, None] - x.double()) / sigma[:, None])
+        assert (sigma > 0.0019).all()
+    assert torch.allclose(z[0], z[1], atol=1e-3)
+    assert (net.calls[1]["t"] > net.calls[0]["t"]).all()  # student at sigma_(i+1) > sigma_i
+    loss.backward()
+    assert net.lin.weight.grad is not None and net.lin.weight.grad.abs().sum() > 0
+
+
+def test_func_student_teacher_same_jittered_grid(monkeypatch):
+    grids, original = [], common.pixel_grid
+
+    def recording(*a, **k):
+        g = original(*a, **k)
+        grids.append(g)
+        return g
+    monkeypatch.setattr(common, "pixel_grid", recording)
+    torch.manual_seed(0)
+    net = common.FuncGenerator(3, 8, 2, 32, 1, 4, dropout=0.3).train()
+    cf.ConsistencyTraining(100).loss(net, torch.randn(4, 3, 8, 8), k=0)
+    assert len(grids) == 2 and grids[0].shape == (4, 8, 8, 2)
+    assert torch.equal(grids[0], grids[1])
+    base = original(8)
+    assert 0 < (grids[0] - base).abs().max() <= 0.5 / 8 + 1e-7  # jitter clipped to 0.5/s
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(net(x, torch.zeros(2)), net(x, torch.zeros(2)))  # no jitter at sampling
+
+
+# ---- the INR generator -----------------------------------------------------------------
+
+def test_pixel_grid_centres():
+    g = common.pixel_grid(4)
+    assert g[:, 0, 0].tolist() == pytest.approx([-0.75, -0.25, 0.25, 0.75])  # y = -1 + (2j+1)/s
+    assert g[0, :, 1].tolist() == pytest.approx([-0.75, -0.25, 0.25, 0.75])  # x
+    assert g[:, 2, 1].tolist() == pytest.approx([0.25] * 4)
+
+
+def test_inr_renders_consistently_across_resolutions():
+    torch.manual_seed(0)
+    net = common.FuncGenerator(3, 16, 2, 32, 2, 4, max_freq=2.0).eval()  # a smooth function
+    for p in net.parameters():  # leave the zero-init so that the output depends on the input
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        fns = net.generate(x, torch.zeros(3))
+        r1, r2 = net.render(fns, 16), net.render(fns, 32)
+        other = net.render(net.generate(torch.randn(3, 3, 16, 16), torch.zeros(3)), 16)
+    assert torch.equal(r1, net(x, torch.zeros(3)))  # forward = render at the input size
+    err = (F.avg_pool2d(r2, 2) - r1).abs().mean() / r1.std()
+    assert err < 0.04, err  # (0.024 here; a half-pixel grid shift or a Nyquist-rate function: > 0.1)
+    assert (other - r1).abs().mean() / r1.std() > 0.1  # the function depends on the input
+
+
+def test_generator_bad_input():
+    net = common.FuncGenerator(3, 8, 2, 32, 1, 4)
+    with pytest.raises(common.UserError, match="render other sizes"):
+        net(torch.randn(1, 3, 16, 16), torch.zeros(1))
+    with pytest.raises(common.UserError, match="inr-width"):
+        common.FuncGenerator(3, 8, 2, 32, 1, 4, inr_width=30, groups=4)
+
+
+# ---- training: pre-training, resume, 2-D ---------------------------------------------------
+
+def _image_folder(path, n=8, size=16):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    path.mkdir()
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for k in range(n):
+        a = rng.uniform(0, 1, (3, 3))
+        img = np.stack([a[c, 0] + a[c, 1] * xx + a[c, 2] * yy for c in range(3)], -1)
+        Image.fromarray((np.clip(img / 2, 0, 1) * 255).astype(np.uint8)).save(path / f"{k}.png")
+    return str(path)
+
+
+def _args(folder, out, *extra):
+    return ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny", "--arch", "func",
+            "--width", "32", "--depth", "2", "--batch-size", "8", "--workers", "0", "--lr", "2e-3",
+            "--sample-every", "0", "--log-every", "10", "--out-dir", str(out), *extra]
+
+
+def _recon_error(state, folder):
+    args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
+        ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny"]))
+    data = common.load_data(args)
+    x = torch.stack([data.dataset[i][0] for i in range(len(data))])
+    net = common.FuncGenerator(3, 16, 2, 32, 2, 4).eval()
+    net.load_state_dict(state)
+    with torch.no_grad():
+        return cf.reconstruction_loss(net, x, cf.ConsistencyTraining(1))[0].item()
+
+
+def test_pretraining_reduces_reconstruction_error_and_resumes_exactly(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    cf.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
+    before = _recon_error(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"], folder)
+    # A: 40 pre-training steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
+    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "40"))
+    # B: the same run stopped at the phase boundary, then resumed
+    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "40"))
+    pre = common.load_checkpoint(str(tmp_path / "b/ckpt.pt"))
+    after = _recon_error(pre["state"]["net"], folder)
+    assert pre["step"] == 40 and after < 0.5 * before, (before, after)
+    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "40", "--resume"))
+    a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
+    assert a["step"] == b["step"] == 43
+    for key in ("net", "ema"):
+        for name, v in a["state"][key].items():
+            assert torch.equal(v, b["state"][key][name]), (key, name)
+    # any-resolution sampling from the same functions, and a figure
+    cf.main(_args(folder, tmp_path / "a", "--mode", "sample", "--n", "4", "--nfe", "1",
+                  "--sample-res", "8,16,32"))
+    out = np.load(tmp_path / "a/samples/res32.npz")["samples"]
+    assert out.shape == (4, 32, 32, 3)
+    assert (tmp_path / "a/samples/render4x_vs_bilinear.png").exists()
+
+
+def test_fixed_grid_arch_refuses_other_resolutions(tmp_path):
+    folder = _image_folder(tmp_path / "imgs", n=2)
+    with pytest.raises(common.UserError, match="needs --arch func"):
+        cf.main(_args(folder, tmp_path / "u", "--arch", "unet", "--mode", "sample",
+                      "--sample-res", "16,32"))
+    with pytest.raises(common.UserError, match="sample-res"):
+        cf.main(_args(folder, tmp_path / "u", "--mode", "sample", "--sample-res", "a,b"))
+
+
+def test_toy_one_step_samples_approach_the_data(tmp_path):
+    common_args = ["--dataset", "8gaussians", "--width", "64", "--batch-size", "256",
+                   "--ema-decay", "0.95", "--log-every", "100", "--out-dir", str(tmp_path)]
+    cf.main(common_args + ["--steps", "0"])
+    torch.manual_seed(0)
+    args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
+        ["--dataset", "8gaussians", "--width", "64"]))
+    data = common.load_data(args)
+    ref = data.fresh(2000)
+
+    def sw2():
+        net = common.MLP(2, 64, 3)
+        common.load_weights(net, str(tmp_path / "ckpt.pt"))
+        torch.manual_seed(0)
+        x, info = cf.ConsistencyTraining(1, data.x.std().item()).sample(net.eval(), torch.randn(2000, 2), 1)
+        assert info["nfe"] == 1
+        return common.toy_metrics(x, ref)["sw2"]
+    before = sw2()
+    cf.main(common_args + ["--steps", "600"])
+    after = sw2()
+    assert after < 0.65 * before, (before, after)  # 2.14 -> 0.95 here

@@ -1,0 +1,363 @@
+"""
+CM-Func: "One-step Image-function Generation via Consistency Training" (ICLR 2025 submission,
+withdrawn; no public code). One network call turns noise into an image *function* (the
+weights of a small coordinate MLP, an INR) that renders at any resolution. The network is
+trained from data alone with improved consistency training (iCT, Song & Dhariwal 2023).
+
+Noise convention (EDM/Karras, the only one in this file): x_sigma = x + sigma z, z ~ N(0, I),
+sigma in [sigma_min, sigma_max] = [0.002, 80]; sampling goes from sigma_max down.
+
+Equations implemented (iCT, exact):
+  Karras grid     sigma_i = (smin^(1/rho) + (i-1)/(N-1) (smax^(1/rho) - smin^(1/rho)))^rho, rho = 7
+  curriculum      N(k) = min(s0 2^floor(k/K'), s1) + 1,  K' = floor(K / (log2 floor(s1/s0) + 1)),
+                  s0 = 10, s1 = 1280, K = --steps (consistency steps, after pre-training)
+  index           p(i) ~ erf((ln s_(i+1) - Pm)/(sqrt2 Ps)) - erf((ln s_i - Pm)/(sqrt2 Ps)),
+                  i = 1..N-1, Pm = -1.1, Ps = 2
+  model           f(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)),
+                  c_skip = sd^2/((s - smin)^2 + sd^2), c_out = sd (s - smin)/sqrt(sd^2 + s^2),
+                  c_in = 1/sqrt(s^2 + sd^2), c_noise = 0.25 ln s (networks scale t by 1000
+                  inside their sin-cos embedding), sd = sigma_data = 0.5, so f(x, smin) = x
+  loss            lambda(s_i) d(f(x + s_(i+1) z, s_(i+1)), stopgrad f(x + s_i z, s_i)),
+                  lambda = 1/(s_(i+1) - s_i), d(a, b) = sqrt(||a - b||^2 + c^2) - c,
+                  c = 0.00054 sqrt(dim); same z and same dropout randomness in both branches;
+                  the teacher is the online network under no_grad (no EMA teacher); EMA
+                  (0.99993) is for evaluation only
+  sampling        one step x = f(smax z, smax); multistep x <- f(x + sqrt(tau^2 - smin^2) z, tau)
+
+CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are not public):
+  - F is common.FuncGenerator (--arch func): DiT features with adaLN-Zero on the noise
+    embedding, Trans-INR weight tokens -> a ReLU MLP on Fourier features of (y, x), rendered
+    on the pixel-centre grid; in training on ANR's jittered "variational coordinates", the
+    same grid for student and teacher (it is drawn from the torch RNG, which is restored
+    between the two branches together with dropout's). No jitter at sampling.
+  - Any resolution: the last sampling step renders f_R' = c_skip resize(x, R') + c_out
+    render(functions, R'); at R' = R this is exactly f; for one step c_skip(80) = 4e-5, so
+    it is c_out(smax) INR(grid_R') (the skip term of the noise is approximated by resizing).
+  - Reconstruction pre-training (--pretrain-epochs, default 30 on real data): the clean image
+    goes in as at sigma_min, the rendered function is regressed onto it with L2; then
+    consistency training starts (EMA reset to the pre-trained weights).
+  - Multi-step sampling sigmas: the Karras grid with nfe + 1 points, without smin (iCT used
+    tau = 0.821 for two steps on CIFAR-10; this grid gives 2.52).
+Baselines one flag away: --arch unet (CM-UNet), --arch dit (CM-DiT). Parameter counts are
+printed at start; on the tiny preset --arch func --width 72 (0.44M) matches the U-Net (0.43M).
+Absent: class-conditional training (labels are ignored); the paper's UViT baseline.
+
+Commands:
+  python consistency_func.py                                    # CPU toy: 2-D 8gaussians, MLP, < 1 min
+  python consistency_func.py --dataset folder --data-dir IMGS   # CPU tiny: 16x16, func, minutes
+  python consistency_func.py --dataset folder --data-dir IMGS --mode sample --sample-res 16,32,64
+  python consistency_func.py --dataset folder --data-dir IMGS --mode bench --sample-res 32,64,128
+  python consistency_func.py --dataset celeba --data-dir data     # CelebA-64, paper: batch 32, 900k
+  python consistency_func.py --dataset cifar10 --batch-size 32    # CIFAR-10 (iCT recipe is batch 1024)
+  torchrun --standalone --nproc_per_node 8 consistency_func.py --dataset cifar10
+  python consistency_func.py --dataset celeba --arch unet         # the CM-UNet baseline
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # iCT / EDM noise range
+S0, S1 = 10, 1280  # curriculum: discretization steps at the start and the cap
+P_MEAN, P_STD = -1.1, 2.0  # lognormal noise-index proposal
+HUBER = 0.00054  # c = HUBER * sqrt(dim)
+
+
+#################################################################################
+#                            iCT: improved consistency training                 #
+#################################################################################
+
+def karras_sigmas(N, smin=SIGMA_MIN, smax=SIGMA_MAX, rho=RHO):
+    """sigma_1 < ... < sigma_N (float64): the Karras grid, sigma_1 = smin, sigma_N = smax."""
+    i = torch.arange(N, dtype=torch.float64)  # i - 1
+    return (smin ** (1 / rho) + i / (N - 1) * (smax ** (1 / rho) - smin ** (1 / rho))) ** rho
+
+
+def num_scales(k, K, s0=S0, s1=S1):
+    """iCT curriculum: N(k) = min(s0 2^floor(k/K'), s1) + 1 at consistency step k of K."""
+    K_prime = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // K_prime), s1) + 1
+
+
+def index_probs(sigmas, p_mean=P_MEAN, p_std=P_STD):
+    """p(i) for i = 1..N-1: the lognormal mass between sigma_i and sigma_(i+1), normalized."""
+    cdf = torch.erf((sigmas.log() - p_mean) / (math.sqrt(2) * p_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+def pseudo_huber(a, b, c):
+    """d(a, b) = sqrt(||a - b||^2 + c^2) - c over each whole sample -> [B]."""
+    return ((a - b).float().flatten(1).pow(2).sum(1) + c ** 2).sqrt() - c
+
+
+class ConsistencyTraining:
+    """iCT, generic over the network: images (UNet / DiT / FuncGenerator) or 2-D points (MLP)."""
+
+    def __init__(self, total_steps, sigma_data=0.5):
+        self.K, self.sigma_data = total_steps, sigma_data
+
+    def scalings(self, sigma):
+        """c_skip, c_out, c_in for sigma [B]; c_skip(smin) = 1 and c_out(smin) = 0 exactly."""
+        sd = self.sigma_data
+        c_skip = sd ** 2 / ((sigma - SIGMA_MIN) ** 2 + sd ** 2)
+        c_out = sd * (sigma - SIGMA_MIN) / (sd ** 2 + sigma ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+        return c_skip, c_out, c_in
+
+    def denoise(self, net, x, sigma, y=None):
+        """f(x, sigma) = c_skip x + c_out F(c_in x, 0.25 ln sigma)."""
+        c_skip, c_out, c_in = (c.view(-1, *[1] * (x.ndim - 1)) for c in self.scalings(sigma))
+        return c_skip * x + c_out * net(c_in * x, 0.25 * sigma.log(), y)
+
+    def loss(self, net, x, k, y=None):
+        """iCT loss at consistency step k: (mean over the batch, logged numbers)."""
+        N = num_scales(k, self.K)
+        sigmas = karras_sigmas(N)
+        i = torch.multinomial(index_probs(sigmas), x.shape[0], replacement=True)  # 0-based i
+        sigma_i, sigma_next = (sigmas[j].to(x.device, torch.float32) for j in (i, i + 1))
+        z = torch.randn_like(x)  # the same z in both branches
+        bshape = (-1, *[1] * (x.ndim - 1))
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            # teacher first; leaving fork_rng restores the RNG, so the student's dropout masks
+            # (and the INR's jittered grid) are drawn from the same state
+            teacher = self.denoise(net, x + sigma_i.view(bshape) * z, sigma_i, y)
+        student = self.denoise(net, x + sigma_next.view(bshape) * z, sigma_next, y)
+        weight = 1 / (sigma_next - sigma_i)  # lambda(sigma_i)
+        d = pseudo_huber(student, teacher.detach(), HUBER * math.sqrt(x[0].numel()))
+        return (weight * d).mean(), {"N": N}
+
+    def sampling_sigmas(self, nfe):
+        """tau_1 = smax > tau_2 > ...: the first nfe points of the Karras grid of nfe + 1
+        points, read from the top ([reconstructed])."""
+        return karras_sigmas(nfe + 1).flip(0)[:nfe].tolist()
+
+    @torch.no_grad()
+    def sample(self, net, z, nfe=1, y=None, sizes=()):
+        """One step x = f(smax z, smax); multistep x <- f(x + sqrt(tau^2 - smin^2) z, tau).
+        With `sizes` (FuncGenerator only) the last step's functions are rendered at each
+        size: returns (x, {"nfe", "renders": {size: image}})."""
+        x, renders, taus = SIGMA_MAX * z, {}, self.sampling_sigmas(nfe)
+        for step, tau in enumerate(taus):
+            if step > 0:
+                x = x + math.sqrt(tau ** 2 - SIGMA_MIN ** 2) * torch.randn_like(x)
+            sigma = torch.full((x.shape[0],), tau, device=x.device)
+            if step == len(taus) - 1 and sizes:
+                c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
+                functions = net.generate(c_in * x, 0.25 * sigma.log(), y)
+                for s in sorted(set(sizes) | {x.shape[-1]}):
+                    skip = F.interpolate(x, size=(s, s), mode="bilinear", antialias=s < x.shape[-1])
+                    renders[s] = c_skip * skip + c_out * net.render(functions, s)
+                x = renders[x.shape[-1]]
+            else:
+                x = self.denoise(net, x, sigma, y)
+        return x, {"nfe": len(taus), "renders": renders}
+
+
+def reconstruction_loss(net, x, method):
+    """Pre-training [reconstructed]: the clean image, fed as at sigma_min, -> function ->
+    render -> L2 to the image (trains the function output F directly)."""
+    sigma = torch.full((x.shape[0],), SIGMA_MIN, device=x.device)
+    c_in = method.scalings(sigma)[2].view(-1, 1, 1, 1)
+    return (net(c_in * x, 0.25 * sigma.log()).float() - x).pow(2).mean(), {}
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def train(args, run, data, net, method):
+    ema = common.EMA(net, args.ema_decay)
+    opt = torch.optim.RAdam(net.parameters(), lr=args.lr)  # iCT: RAdam
+    start, _, _ = run.resume(net=net, ema=ema, opt=opt)
+    model = run.wrap(net)
+    batches = common.ResumableBatches(data, run.local_batch, run, args.seed, start, args.workers)
+    # global step = pre-training steps, then the K = --steps consistency steps
+    pretrain = round(args.pretrain_epochs * batches.per_epoch) if args.arch == "func" else 0
+    if pretrain:
+        run.print(f"reconstruction pre-training: {pretrain} steps ({args.pretrain_epochs} epochs)")
+    if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
+        run.save(0, net=net, ema=ema, opt=opt)
+    stream = iter(batches)
+    for step in range(start, pretrain + args.steps):
+        if step == pretrain and pretrain:
+            ema.model.load_state_dict(net.state_dict())  # EMA starts at the pre-trained net
+        x, _, _ = next(stream)
+        if args.hflip and data.is_image:
+            x = common.random_hflip(x)
+        with run.autocast:
+            if step < pretrain:
+                loss, logs = reconstruction_loss(model, x, method)
+            else:
+                loss, logs = method.loss(model, x, step - pretrain)
+        common.optimize(opt, loss, net, args, step)
+        ema.update(net)
+        if step >= pretrain:
+            run.log(step + 1 - pretrain, loss, **logs)
+        elif run.due(step + 1, args.log_every) or step + 1 == pretrain:
+            if not torch.isfinite(loss):
+                raise common.UserError(f"reconstruction loss is {loss.item()} at pre-training "
+                                       f"step {step + 1}: lower --lr or use --amp fp32")
+            run.print(f"pretrain step {step + 1}/{pretrain} | epoch {batches.epoch} | "
+                      f"recon {loss.item():.5f}")
+        if run.due(step + 1, args.ckpt_every) or step + 1 in (pretrain, pretrain + args.steps):
+            run.save(step + 1, net=net, ema=ema, opt=opt)
+        if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.sample_every):
+            common.write_samples(args, data, sampler(run, data, ema.model, method), run)
+    return ema
+
+
+def sampler(run, data, net, method):
+    """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
+    def sample_fn(n, nfe):
+        x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe)
+        return x, info["nfe"]
+    return sample_fn
+
+
+#################################################################################
+#                       Any resolution: renders and speed                        #
+#################################################################################
+
+def write_multires(args, run, data, net, method):
+    """--mode sample --sample-res: render the same functions at several sizes, plus a figure
+    of a 4x render against bilinear upsampling of the training-resolution render."""
+    R, n, nfe = data.shape[-1], min(args.n, args.batch_size), args.nfe_list[0]
+    sizes = sorted(set(args.sample_res) | {R, 4 * R})
+    x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe, sizes=sizes)
+    for s in args.sample_res:
+        common.export_samples(os.path.join(args.samples_out, f"res{s}.npz"), info["renders"][s], nfe)
+        common.save_image_grid(info["renders"][s], os.path.join(args.samples_out, f"res{s}.png"))
+    k = min(n, 8)
+    bilinear = F.interpolate(x[:k], scale_factor=4, mode="bilinear")
+    path = os.path.join(args.samples_out, "render4x_vs_bilinear.png")
+    common.save_image_grid(torch.cat([bilinear, info["renders"][4 * R][:k]]).clamp(-1, 1), path, nrow=k)
+    pooled = F.avg_pool2d(info["renders"][4 * R], 4)
+    run.print(f"wrote {n} samples (NFE {nfe}) at {args.sample_res} to {args.samples_out}; {path}: "
+              f"top bilinear x4, bottom INR render x4; |avgpool(render 4x) - render 1x| mean "
+              f"{(pooled - x).abs().mean().item():.4f}")
+
+
+def bench_multires(args, run, data, net, method):
+    """Images/s for producing every sample at all --sample-res sizes. func: one generation,
+    one render per size. unet/dit: one model per resolution, one generation each."""
+    n, sizes = args.batch_size, args.sample_res
+    z = torch.randn(n, *data.shape, device=run.device)
+    if args.arch == "func":
+        fns = [lambda: method.sample(net, z, 1, sizes=sizes)]
+    else:
+        fns = []
+        for s in sizes:
+            a = argparse.Namespace(**{**vars(args), "image_size": s})  # same flags, --image-size s
+            other = common.build_net(a, (data.shape[0], s, s)).to(run.device).eval()
+            zs = torch.randn(n, data.shape[0], s, s, device=run.device)
+            fns.append(lambda other=other, zs=zs: method.sample(other, zs, 1))
+    for fn in fns:  # warm-up
+        fn()
+    t0 = time.perf_counter()
+    for fn in fns:
+        fn()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - t0)
+    run.print(f"bench multires {args.arch} ({common.count_params(net) / 1e6:.2f}M params): "
+              f"{rate:.1f} images/s with every sample at {','.join(map(str, sizes))} (batch {n}, 1 step)")
+    return rate
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+# The method's recipes: iCT's CIFAR-10 recipe (RAdam 1e-4, EMA 0.99993, dropout 0.3, 400k
+# steps, batch 1024; the CM-Func paper used batch 32) and the paper's CelebA-64 run (batch 32,
+# 900k steps). Network sizes below apply to --arch func; unet/dit keep common's sizes.
+PRESETS = {k: dict(v) for k, v in common.PRESETS.items()}
+PRESETS["toy"].update(steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99)
+PRESETS["tiny"].update(lr=1e-3, ema_decay=0.999, warmup=0, pretrain_epochs=5)
+PRESETS["cifar10"].update(lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3, steps=400_000,
+                          batch_size=1024, pretrain_epochs=30, inr_width=128, inr_depth=4)
+PRESETS["celeba64"].update(lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0, steps=900_000,
+                           batch_size=32, pretrain_epochs=30, inr_width=128, inr_depth=4)
+FUNC_SIZE = {"tiny": dict(width=64, depth=4, heads=4, patch=2),
+             "cifar10": dict(width=384, depth=12, heads=6, patch=2),
+             "celeba64": dict(width=384, depth=12, heads=6, patch=4)}
+
+
+def main(argv=None):
+    parser = common.add_common_args(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--pretrain-epochs", type=float, default=None,
+                        help="reconstruction pre-training epochs before iCT (--arch func)")
+    parser.add_argument("--sigma-data", type=float, default=None,
+                        help="data std in the scalings (default 0.5 for images as in iCT; "
+                        "for 2-D data the training set's std [reconstructed])")
+    parser.add_argument("--inr-width", type=int, default=None, help="hidden width of the INR")
+    parser.add_argument("--inr-depth", type=int, default=None, help="linear layers of the INR")
+    parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
+                        help="variational (jittered) coordinates when training --arch func")
+    parser.add_argument("--sample-res", default=None,
+                        help="comma list of render sizes for --mode sample/bench (func: any)")
+    parser.set_defaults(grad_clip=0.0, nfe="1,2")  # iCT clips no gradients
+    args = parser.parse_args(argv)
+    presets = {k: dict(v) for k, v in PRESETS.items()}
+    if args.arch in (None, "func"):
+        for name, size in FUNC_SIZE.items():
+            presets[name].update(arch="func", **size)
+    args = common.finish_args(args, presets=presets, method="cm", default_nfe="1,2")
+    for key, default in (("pretrain_epochs", 0), ("inr_width", 64), ("inr_depth", 3)):
+        if getattr(args, key) is None:
+            setattr(args, key, presets[args.preset].get(key, default))
+    R = args.image_size
+    try:
+        args.sample_res = [int(s) for s in (args.sample_res or str(R)).split(",")] if R else []
+    except ValueError:
+        raise common.UserError(f"--sample-res '{args.sample_res}': use sizes like 32,64,128") from None
+    if args.is_image and args.arch != "func" and args.mode == "sample" and set(args.sample_res) != {R}:
+        raise common.UserError(f"--arch {args.arch} samples only at its training size {R}; "
+                               "rendering other sizes needs --arch func")
+    run = common.Run(args)
+    data = common.load_data(args)
+    net = common.build_net(args, data.shape).to(run.device)
+    net.jitter = args.jitter
+    run.print(f"consistency_func: {args.arch} with {common.count_params(net) / 1e6:.3f}M parameters")
+    args.sigma_data = args.sigma_data or (0.5 if data.is_image else data.x.std().item())
+    method = ConsistencyTraining(args.steps, args.sigma_data)
+    if args.mode == "train":
+        train(args, run, data, net, method)
+        run.close()
+        return
+    if args.mode != "bench" or os.path.isfile(args.ckpt):
+        common.load_weights(net, args.ckpt, device=run.device)  # the EMA weights
+    net.eval()
+    fn = sampler(run, data, net, method)
+    if args.mode == "sample":
+        common.write_samples(args, data, fn, run)
+        if args.arch == "func":
+            write_multires(args, run, data, net, method)
+    elif args.mode == "eval":
+        common.evaluate(args, run, data, fn)
+    elif args.mode == "bench":
+        opt = torch.optim.RAdam(net.parameters(), lr=args.lr)
+        x = torch.randn(args.batch_size, *data.shape, device=run.device)
+
+        def train_step():
+            net.train()
+            with run.autocast:
+                loss, _ = method.loss(net, x, 0)
+            common.optimize(opt, loss, net, args, 0)
+            net.eval()
+        common.benchmark(run, train_step, fn, args.nfe_list, args.batch_size)
+        if args.is_image:
+            bench_multires(args, run, data, net, method)
+    run.close()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
