@@ -147,9 +147,14 @@ class ASFM:
     def generator_loss(self, net, D, z, x1):
         """lambda_fm L_fm + lambda_adv L_G; returns (loss, logs, x_hat)."""
         t1 = self.rf.sample_t(z.shape[0], z.device)
-        loss_fm, _ = self.rf.loss(net, x1, x0=z, t=t1)                       # self training
-        t2 = t1 if self.same_t else self.rf.sample_t(z.shape[0], z.device)  # Algorithm 1: new t
-        x_hat = self.rf.one_step(net, self.rf.interpolate(z, x1, t2), t2)
+        x_t1 = self.rf.interpolate(z, x1, t1)
+        v1 = net(x_t1, t1)
+        loss_fm = (v1.float() - (x1 - z)).pow(2).mean()                      # self training
+        if self.same_t:  # one forward pass serves both terms
+            x_hat = x_t1 + (1 - expand(t1, x_t1)) * v1
+        else:            # Algorithm 1: a second, independent t
+            t2 = self.rf.sample_t(z.shape[0], z.device)
+            x_hat = self.rf.one_step(net, self.rf.interpolate(z, x1, t2), t2)
         loss_g = F.softplus(-D(x_hat)).mean()                                # non-saturating
         loss = self.lambda_fm * loss_fm + self.lambda_adv * loss_g
         return loss, {"fm": loss_fm.detach(), "adv": loss_g.detach()}, x_hat
@@ -323,12 +328,13 @@ def sampler(net, data, run):
 def evaluate(args, run, data, net):
     """Per NFE (and RK45): FID/IS/precision/recall on images or 2-D distances; straightness S
     (RF Eq. 3, Euler 100); and one figure with the same noise sampled at every NFE."""
-    results = common.evaluate(args, run, data, sampler(net, data, run), args.nfe_list + ["rk45"])
+    nfes = list(dict.fromkeys(args.nfe_list + ["rk45"]))
+    results = common.evaluate(args, run, data, sampler(net, data, run), nfes)
     z = torch.randn(min(args.fid_n, 2000) if not data.is_image else 64, *data.shape, device=run.device)
     with run.autocast:
         S = common.straightness(lambda x, t: net(x, t).float(), z)
     run.print(f"straightness S = {S:.4g} (Euler 100, {len(z)} samples; 0 = perfectly straight)")
-    outs = [(nfe, RectifiedFlow.sample(net, z, nfe, return_traj=True)) for nfe in args.nfe_list + ["rk45"]]
+    outs = [(nfe, RectifiedFlow.sample(net, z, nfe, return_traj=True)) for nfe in nfes]
     path = os.path.join(args.out_dir, "same_noise_by_nfe.png")
     if data.is_image:  # rows: NFE; columns: the same 8 noise samples
         common.save_image_grid(torch.cat([x[:8] for _, (x, _) in outs]), path, nrow=8)

@@ -367,6 +367,17 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert isinstance(common.Run(make_args(["--device", "cpu"])).autocast, type(common.nullcontext()))
 
 
+def test_sample_export_format(tmp_path):
+    imgs = torch.rand(3, 3, 8, 8) * 2 - 1
+    common.export_samples(str(tmp_path / "i.npz"), imgs, 4)
+    with np.load(tmp_path / "i.npz") as f:
+        assert f["samples"].dtype == np.uint8 and f["samples"].shape == (3, 8, 8, 3)
+        assert np.array_equal(f["samples"], to_uint8(imgs).permute(0, 2, 3, 1).numpy()) and f["nfe"] == 4
+    common.export_samples(str(tmp_path / "p.npz"), torch.randn(5, 2, dtype=torch.float64), 1)
+    with np.load(tmp_path / "p.npz") as f:
+        assert f["samples"].dtype == np.float32 and f["samples"].shape == (5, 2)
+
+
 def test_cli_prints_one_line_error(capsys):
     def main(argv):
         raise common.UserError("something is wrong: do this")

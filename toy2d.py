@@ -30,11 +30,9 @@ NFE 1, 2, 100 over the data in grey) and <out>/toy2d.md (the table, also printed
 """
 import argparse
 import copy
-import math
 import os
 import time
 
-import numpy as np
 import torch
 
 import asfm
