@@ -1389,3 +1389,273 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
     cf.main(common_args + ["--steps", "600"])
     after = sw2()
     assert after < 0.65 * before, (before, after)  # 2.14 -> 0.95 here
+
+
+#################################################################################
+#                                  scoreflow.py                                 #
+#################################################################################
+
+import re  # noqa: E402
+
+import scoreflow  # noqa: E402
+
+SF_TINY = ["--width", "64", "--depth", "2", "--batch-size", "256", "--lr", "3e-3", "--ema-decay", "0.9",
+        "--fid-n", "300", "--n", "16", "--nfe", "1", "--log-every", "1000"]
+
+
+def sf_log_lines(out_dir, prefix):
+    with open(os.path.join(out_dir, "log.txt")) as f:
+        return [line for line in f if line.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def cond_toy(tmp_path_factory):
+    """A class-conditional 8-Gaussians ScoreFlow trained for 300 steps (a few seconds)."""
+    out = str(tmp_path_factory.mktemp("sf") / "cond")
+    scoreflow.main(SF_TINY + ["--steps", "300", "--out-dir", out])
+    return out
+
+
+# ---- losses ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lam", ["inv_t", "one", "inv_t2"])
+def test_path_constrained_term_is_weighted_rf(lam):
+    torch.manual_seed(0)
+    net = common.MLP(2, 32, 2)
+    x1, x0 = torch.randn(64, 2), torch.randn(64, 2)
+    t = 0.05 + 0.9 * torch.rand(64)
+    with torch.no_grad():
+        _, logs = scoreflow.ScoreFlow(beta=1.0, pc_lambda=lam).loss(net, x1, x0, t=t)
+        total1, _ = scoreflow.ScoreFlow(beta=2.0, pc_lambda=lam).loss(net, x1, x0, t=t)
+        total0, _ = scoreflow.ScoreFlow(beta=0.0, pc_lambda=lam).loss(net, x1, x0, t=t)
+        x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+        v = net(x_t, t)
+    weight = {"inv_t": 1 / t, "one": torch.ones_like(t), "inv_t2": t ** -2}[lam] * t ** 2
+    expected = (weight * (v - (x1 - x0)).pow(2).mean(1)).mean()  # lambda(t) t^2 ||v - (x1 - x0)||^2
+    assert torch.allclose(logs["l_pc"], expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(total1 - total0, 2 * expected, rtol=1e-4, atol=1e-6)
+    if lam == "inv_t":  # the paper's lambda = 1/t gives the weight t
+        assert torch.allclose(expected, (t * (v - (x1 - x0)).pow(2).mean(1)).mean(), rtol=1e-5)
+
+
+def test_beta_zero_is_exactly_rectified_flow():
+    net = common.MLP(2, 32, 2)
+    x1 = torch.randn(128, 2)
+    torch.manual_seed(3)
+    loss, logs = scoreflow.ScoreFlow(beta=0.0).loss(net, x1)
+    torch.manual_seed(3)  # hand-written 1-RF loss with the same draws
+    x0 = torch.randn_like(x1)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(128)
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
+    rf = ((net(x_t, t) - (x1 - x0)) ** 2).mean()
+    assert torch.equal(loss, rf) and "l_pc" not in logs
+    torch.manual_seed(3)
+    assert scoreflow.ScoreFlow(beta=1.0).loss(net, x1)[0] > rf  # beta > 0 adds a positive term
+
+
+# ---- class conditioning ------------------------------------------------------------
+
+def test_label_dropout_rate():
+    torch.manual_seed(0)
+    y = torch.randint(0, 8, (200_000,))
+    out = scoreflow.drop_labels(y, 0.1, 8)
+    dropped = out == 8
+    assert abs(dropped.float().mean().item() - 0.1) < 0.003  # ~5 binomial sigmas
+    assert torch.equal(out[~dropped], y[~dropped])
+    assert torch.equal(scoreflow.drop_labels(y, 0.0, 8), y)
+
+
+def test_loss_uses_label_dropout():
+    net = common.MLP(2, 32, 2, num_classes=3)
+    torch.nn.init.normal_(net.cond.label.weight)
+    x1, y = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    losses = []
+    for p, labels in ((1 - 1e-9, y), (0.0, None), (0.0, y)):
+        torch.manual_seed(5)
+        losses.append(scoreflow.ScoreFlow(p_uncond=p, num_classes=3).loss(net, x1, y=labels)[0])
+    assert torch.allclose(losses[0], losses[1])  # all labels dropped = the null class
+    assert not torch.allclose(losses[0], losses[2])
+
+
+def test_cfg_formula():
+    torch.manual_seed(0)
+    net = common.MLP(2, 32, 2, num_classes=4)
+    torch.nn.init.normal_(net.cond.label.weight)
+    method = scoreflow.ScoreFlow(num_classes=4)
+    x, t, y = torch.randn(16, 2), torch.rand(16), torch.randint(0, 4, (16,))
+    with torch.no_grad():
+        v_c, v_u = net(x, t, y), net(x, t, None)
+        assert not torch.allclose(v_c, v_u)
+        assert torch.allclose(method.field(net, y, 1.0)(x, t), v_c, atol=1e-6)
+        assert torch.allclose(method.field(net, y, 0.0)(x, t), v_u, atol=1e-6)
+        assert torch.allclose(method.field(net, y, 2.5)(x, t), v_u + 2.5 * (v_c - v_u), atol=1e-5)
+    assert method.field(net, y, 2.5).cost == 2 and method.field(net, y, 1.0).cost == 1
+
+
+# ---- likelihood -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("div", ["hutchinson", "exact"])
+def test_likelihood_standard_normal_under_zero_field(div):
+    x = torch.randn(32, 2) * 2
+    log_p, _ = scoreflow.ScoreFlow().log_likelihood(lambda x, t: 0 * x, x, "rk45", div)
+    analytic = -0.5 * x.pow(2).sum(1) - math.log(2 * math.pi)
+    assert torch.allclose(log_p, analytic, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["hutchinson", "exact"])
+def test_likelihood_linear_field(div):
+    """v = a x: x1 = e^a x0, so log p_1(x1) = log N(e^-a x1) - a D (checks signs and direction)."""
+    a, x = 0.7, torch.randn(32, 3)
+    for nfe in ("rk45", 400):
+        log_p, _ = scoreflow.ScoreFlow().log_likelihood(lambda x, t: a * x, x, nfe, div)
+        x0 = x * math.exp(-a)
+        analytic = -0.5 * x0.pow(2).sum(1) - 1.5 * math.log(2 * math.pi) - 3 * a
+        assert torch.allclose(log_p, analytic, atol=1e-4 if nfe == "rk45" else 1e-2)
+
+
+def test_bits_per_dim_formula():
+    dim = 12
+    uniform = torch.tensor([-dim * math.log(2.0)])  # uniform on [-1, 1]^D: 8 bits per dim
+    assert torch.allclose(scoreflow.bits_per_dim(uniform, dim), torch.tensor([8.0]))
+    k = torch.randint(0, 256, (1000,)).float()
+    x = 2 * k / 255 - 1  # what the data pipeline gives
+    assert torch.equal(((scoreflow.dequantize(x) + 1) * 128).floor(), k)
+
+
+# ---- training, reversibility, translation ----------------------------------------------
+
+def test_training_learns(cond_toy):
+    args = scoreflow.parse(SF_TINY + ["--out-dir", cond_toy])
+    run = common.Run(args)
+    data = common.load_data(args)
+    trained, classes, _ = scoreflow.load_model(args, run, args.ckpt, data.shape)
+    method = scoreflow.ScoreFlow(num_classes=classes)
+    untrained = common.build_net(args, data.shape, num_classes=8)
+    ref = data.fresh(500)
+    torch.manual_seed(0)
+    sw = [common.sliced_wasserstein(scoreflow.sampler(args, run, data, None, net, method)(500, 8)[0], ref)
+          for net in (untrained, trained)]
+    assert sw[1] < 0.5 * sw[0], sw
+
+
+def test_translate_cycle_rk45_near_zero(cond_toy):
+    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
+                               "--tgt-class", "4", "--nfe", "2,rk45"])
+    assert m["cycle_rmse"] < 1e-3
+    lines = sf_log_lines(cond_toy, "translate class nfe=")
+    euler2 = float(re.search(r"cycle_rmse=(\S+)", lines[0]).group(1))
+    assert euler2 > 10 * m["cycle_rmse"]  # Euler with 2 steps is not reversible
+    assert m["sw2_to_target"] < m["sw2_source_to_target"]  # moved towards class 4
+    assert os.path.isfile(os.path.join(cond_toy, "translate_class_two-pass.png"))
+    d = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
+                               "--tgt-class", "4", "--nfe", "4", "--translate", "difference"])
+    assert set(d) == set(m)
+
+
+def test_eval_reconstruction_and_bpd(cond_toy):
+    scoreflow.main(SF_TINY + ["--mode", "eval", "--out-dir", cond_toy, "--nfe", "2,rk45", "--bpd",
+                           "--cfg", "2"])
+    rec = {re.search(r"nfe=(\S+):", s).group(1): float(re.search(r"rmse=(\S+)", s).group(1))
+           for s in sf_log_lines(cond_toy, "reconstruction")}
+    assert rec["rk45"] < 1e-2 and rec["rk45"] < rec["2"] / 50
+    nll = float(re.search(r"NLL (\S+) nats", sf_log_lines(cond_toy, "likelihood")[-1]).group(1))
+    # log p(x | y): one Gaussian of std 0.3 in 2-D has entropy 1 + ln(2 pi 0.09) = 0.430 nats
+    assert abs(nll - (1 + math.log(2 * math.pi * 0.09))) < 0.3
+    assert sf_log_lines(cond_toy, "eval nfe=2: per-class sw2=") and sf_log_lines(cond_toy, "straightness S =")
+
+
+def test_domain_flow_resume_is_exact(tmp_path):
+    flags = SF_TINY + ["--source", "tri-src", "--dataset", "tri-tgt", "--ckpt-every", "20"]
+    scoreflow.main(flags + ["--steps", "40", "--out-dir", str(tmp_path / "a")])
+    scoreflow.main(flags + ["--steps", "20", "--out-dir", str(tmp_path / "b")])
+    scoreflow.main(flags + ["--steps", "40", "--out-dir", str(tmp_path / "b"), "--resume"])
+    a, b = (common.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in "ab")
+    for key in ("net", "ema"):
+        for name, p in a["state"][key].items():
+            assert torch.equal(p, b["state"][key][name]), name
+    assert a["config"]["cond_classes"] == 0 and a["config"]["source"] == "tri-src"
+    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", str(tmp_path / "a"),
+                               "--dataset", "tri-tgt", "--nfe", "rk45"])
+    assert m["cycle_rmse"] < 2e-2 and m["l2_to_source"] > 4  # A is 6 units left of B
+
+
+def test_two_model_translation(tmp_path):
+    for name in ("tri-src", "tri-tgt"):
+        scoreflow.main(SF_TINY + ["--steps", "150", "--dataset", name, "--out-dir", str(tmp_path / name)])
+    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--source", "tri-src", "--dataset", "tri-tgt",
+                               "--ckpt", str(tmp_path / "tri-src/ckpt.pt"), "--ckpt-b",
+                               str(tmp_path / "tri-tgt/ckpt.pt"), "--nfe", "rk45",
+                               "--out-dir", str(tmp_path / "t")])
+    assert m["cycle_rmse"] < 2e-2 and m["sw2_to_target"] < 0.5 * m["sw2_source_to_target"]
+
+
+def test_bad_input_errors(cond_toy, tmp_path):
+    with pytest.raises(common.UserError, match="out of range"):
+        scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "9",
+                               "--tgt-class", "1"])
+    with pytest.raises(common.UserError, match="--beta"):
+        scoreflow.main(SF_TINY + ["--beta", "-1", "--out-dir", str(tmp_path)])
+    with pytest.raises(common.UserError, match="--src-class a --tgt-class b"):
+        scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy])
+    import numpy as np
+    np.save(tmp_path / "x.npy", np.random.randn(600, 2).astype("float32"))
+    with pytest.raises(common.UserError, match="no class labels"):
+        scoreflow.main(SF_TINY + ["--dataset", "points", "--data-dir", str(tmp_path / "x.npy"),
+                               "--class-cond", "--out-dir", str(tmp_path)])
+
+
+def test_images_class_translation_and_bpd(tmp_path):
+    """Tiny class-folder images: train a few steps, translate class 0 -> 1 (FID with random
+    Inception weights: plumbing only), bits/dim."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "img" / f"c{c}")
+        for i in range(6):
+            px = (torch.rand(8, 8, 3, generator=g) * 80 + (150 if c else 0)).byte().numpy()
+            Image.fromarray(px).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
+    flags = ["--dataset", "folder", "--data-dir", str(tmp_path / "img"), "--image-size", "8",
+             "--width", "16", "--batch-size", "4", "--workers", "0", "--nfe", "2", "--n", "4",
+             "--fid-n", "6", "--inception-weights", "random", "--out-dir", str(tmp_path / "run")]
+    scoreflow.main(flags + ["--steps", "10", "--sample-every", "0", "--ema-decay", "0",
+                            "--lr", "3e-3", "--warmup", "0"])
+    m = scoreflow.main(flags + ["--mode", "translate", "--src-class", "0", "--tgt-class", "1"])
+    assert math.isfinite(m["fid_to_target"]) and 0 < m["psnr_to_source"] < 100
+    assert m["l2_to_source"] > 0 and os.path.isfile(tmp_path / "run" / "translate_class_two-pass.png")
+    args = scoreflow.parse(flags)  # --bpd without --mode eval's FID (slow on CPU)
+    run, data = common.Run(args), common.load_data(args)
+    net, classes, _ = scoreflow.load_model(args, run, args.ckpt, data.shape)
+    scoreflow.likelihood(args, run, data, net, scoreflow.ScoreFlow(num_classes=classes))
+    bpd = float(re.search(r"(\S+) bits/dim", sf_log_lines(str(tmp_path / "run"), "likelihood")[-1]).group(1))
+    assert 3 < bpd < 20
+
+
+#################################################################################
+#                                    toy2d.py                                   #
+#################################################################################
+
+import toy2d  # noqa: E402
+
+
+def test_toy2d_end_to_end_and_deterministic(tmp_path):
+    res = toy2d.main(["--steps", "20", "--out", str(tmp_path / "a")])
+    assert {m for _, m in res} == set(toy2d.METHODS)
+    assert len(res) == len(toy2d.METHODS) + len(toy2d.FLOWS)  # (b) runs the flows only
+    assert os.path.getsize(tmp_path / "a" / "toy2d.png") > 10_000
+    md = (tmp_path / "a" / "toy2d.md").read_text()
+    assert md.count("\n| ") == len(res) + 1 and "python toy2d.py --steps 20" in md
+    for (setup, method), r in res.items():
+        assert all(math.isfinite(r["row"][f"nfe{k}"]) for k in toy2d.NFES)
+        assert (r["row"]["S"] is None) == (method not in toy2d.FLOWS)
+    again = toy2d.main(["--steps", "20", "--methods", "rf,if,ct", "--setups", "a", "--out", str(tmp_path / "b")])
+    for key, r in again.items():
+        assert r["row"] == res[key]["row"]  # same seed, same numbers
+
+
+def test_toy2d_user_points_and_bad_method(tmp_path):
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32))
+    res = toy2d.main(["--steps", "10", "--methods", "rf", "--setups", "a", "--data", str(tmp_path / "pts.npy"),
+                      "--out", str(tmp_path / "o")])
+    assert list(res) == [("noise->pts.npy", "rf")]
+    with pytest.raises(common.UserError, match="unknown method 'dm'"):
+        toy2d.main(["--methods", "rf,dm"])
