@@ -412,7 +412,7 @@ def bench(args, run, data, net):
 # [reconstructed] ASFM steps, freq, lr and r1; 1-RF follows the RF recipe (DDPM++, Adam 2e-4).
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
-                reflow_pairs=20_000),
+                reflow_pairs=20_000, ema_decay=0.995),
     "tiny": dict(common.PRESETS["tiny"], steps=1000, rf_steps=2000, mem_size=16, freq=4, r1=0.01,
                  reflow_pairs=4096),
     "cifar10": dict(common.PRESETS["cifar10"], steps=100_000, rf_steps=800_000, mem_size=512,
@@ -444,7 +444,8 @@ def main(argv=None):
     a("--edit-index", default="0,1", help="two dataset indices for --mode edit")
     a("--edit-noise", type=float, default=0.1, help="noise added to the stitched latent")
     args = parser.parse_args(argv)
-    presets = {k: dict(v, steps=v["rf_steps"]) if args.stage == "rf" else v for k, v in PRESETS.items()}
+    presets = {k: dict(v, steps=v["rf_steps"], ema_decay=common.PRESETS[k]["ema_decay"])
+               if args.stage == "rf" else v for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method=f"asfm-{args.stage}")
     if min(args.mem_size, args.mem_nfe, args.freq) <= 0:
         raise common.UserError("--mem-size, --mem-nfe and --freq must be positive")

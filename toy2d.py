@@ -182,7 +182,8 @@ def evaluate(sample, velocity, setup, n=2000, seed=1):
     row, samples = {}, {}
     for nfe in NFES:
         samples[nfe], _ = sample(x0, nfe)
-        row[f"nfe{nfe}"] = common.toy_metrics(samples[nfe], setup.ref)["sw2"]
+        finite = torch.isfinite(samples[nfe]).all()  # an iteration that diverged reports nan
+        row[f"nfe{nfe}"] = common.toy_metrics(samples[nfe], setup.ref)["sw2"] if finite else float("nan")
     row["S"] = common.straightness(lambda x, t: velocity(x, t), x0[:500]) if velocity is not None else None
     return row, samples, x0
 
@@ -232,12 +233,13 @@ def plot(results, path, lim=6.0):
 
 
 def table(results):
+    fmt = lambda v: f"{v:.3f}" if v == v else "diverged"  # noqa: E731 (nan: non-finite samples)
     lines = ["| set-up | method | W2 @ NFE 1 | W2 @ NFE 2 | W2 @ NFE 100 | straightness S | train s |",
              "|---|---|---|---|---|---|---|"]
     for (setup, method), r in results.items():
         row = r["row"]
         S = "-" if row["S"] is None else f"{row['S']:.3f}"
-        lines.append(f"| {setup} | {method} | {row['nfe1']:.3f} | {row['nfe2']:.3f} | {row['nfe100']:.3f} | {S} "
+        lines.append(f"| {setup} | {method} | {fmt(row['nfe1'])} | {fmt(row['nfe2'])} | {fmt(row['nfe100'])} | {S} "
                      f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
 
