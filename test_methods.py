@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import urllib.error
 
@@ -805,6 +806,31 @@ def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     assert "ASFM / 1-RF step time" in capsys.readouterr().out
 
 
+def torchrun(script, args, tmp_path):
+    """Run `script` under torchrun with 2 gloo processes on CPU; returns the completed process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), script] + args
+    res = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def test_asfm_under_torchrun_two_gloo_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun("asfm.py", ["--stage", "asfm", "--init", "none", "--steps", "4", "--batch-size", "64",
+                         "--mem-size", "2", "--freq", "2", "--width", "32", "--device", "cpu",
+                         "--out-dir", str(out)], tmp_path)
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and "D" in ckpt["state"]
+    # each rank keeps its own memory, saved beside the main checkpoint
+    r0, r1 = (common.load_checkpoint(str(out / f"ckpt.pt.rank{r}")) for r in (0, 1))
+    assert r0["local"]["z"].shape == (2, 32, 2) and not torch.equal(r0["local"]["z"], r1["local"]["z"])
+
+
 def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
     out = str(tmp_path / "t")
     asfm.main(["--stage", "rf", "--steps", "20", "--width", "32", "--device", "cpu", "--out-dir", out])
@@ -822,8 +848,6 @@ def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
 #################################################################################
 #                              integration_flow.py                              #
 #################################################################################
-
-import subprocess  # noqa: E402
 
 import torch.multiprocessing as mp  # noqa: E402
 
@@ -1629,6 +1653,13 @@ def test_images_class_translation_and_bpd(tmp_path):
     bpd = float(re.search(r"(\S+) bits/dim", sf_log_lines(str(tmp_path / "run"), "likelihood")[-1]).group(1))
     assert 3 < bpd < 20
 
+
+def test_scoreflow_under_torchrun_two_gloo_ranks(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun("scoreflow.py", ["--source", "tri-src", "--dataset", "tri-tgt", "--steps", "4",
+                              "--batch-size", "64", "--width", "32", "--device", "cpu",
+                              "--out-dir", str(out)], tmp_path)
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["step"] == 4
 
 #################################################################################
 #                                    toy2d.py                                   #
