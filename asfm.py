@@ -126,7 +126,8 @@ class TrainingMemory:
 
 def make_discriminator(shape, width=64):
     """[reconstructed] D(x) -> logit [B]: an MLP for 2-D data; for images a strided conv net
-    (LeakyReLU 0.2) down to 4x4, then a linear layer. D does not see t."""
+    (LeakyReLU 0.2, `width` = the generator's --width, doubling per halving, at most 512)
+    down to 4x4, then a linear layer. D does not see t."""
     if len(shape) == 1:
         return nn.Sequential(nn.Linear(shape[0], 256), nn.LeakyReLU(0.2), nn.Linear(256, 256),
                              nn.LeakyReLU(0.2), nn.Linear(256, 1), nn.Flatten(0))
@@ -261,7 +262,7 @@ def train(args, run, data, net):
             teach = generator(teacher, data.shape, args.reflow_nfe, run.device, run.autocast)
     if args.stage == "asfm":
         asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
-        D = make_discriminator(data.shape).to(run.device)
+        D = make_discriminator(data.shape, args.width).to(run.device)
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
         memory = TrainingMemory(args.mem_size, run.local_batch, data.shape, run.device)
         generate = generator(net, data.shape, args.mem_nfe, run.device, run.autocast)
@@ -371,7 +372,7 @@ def bench(args, run, data, net):
     the same network and batch, and sampling speed per NFE."""
     rf, x1 = RectifiedFlow(), next(iter(common.ResumableBatches(data, run.local_batch, run)))[0]
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    D = make_discriminator(data.shape).to(run.device)
+    D = make_discriminator(data.shape, args.width).to(run.device)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
     asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
     memory = TrainingMemory(2, run.local_batch, data.shape, run.device)

@@ -21,7 +21,8 @@ Methods (the classes come from the method files, with a 3x128 MLP):
   ct        improved consistency training                            consistency_func.ConsistencyTraining
   scoreflow ScoreFlow (beta = 1 path-constrained loss)               scoreflow.ScoreFlow
 For each: sliced W2 distance to fresh data at NFE 1, 2 and 100, straightness S (flows only) and
-training time. Lower is better; two independent draws of the data itself score about 0.03.
+training time. Lower is better; with 2000 points the floor (two independent draws of the data
+itself) is 0.13 on 8gaussians and 0.07 on the three Gaussians.
 Flows use Euler with NFE steps; Integration Flow iterates its anchor NFE times; consistency
 training uses NFE-step multistep sampling.
 
