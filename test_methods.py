@@ -12,6 +12,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 
 import numpy as np
@@ -33,8 +34,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def make_args(argv=(), method="test"):
+    argv = list(argv)
+    if "--out-dir" not in argv:  # never write into the repo
+        argv += ["--out-dir", tempfile.mkdtemp(prefix="test-run-")]
     parser = common.add_common_args(argparse.ArgumentParser())
-    return common.finish_args(parser.parse_args(list(argv)), method=method)
+    return common.finish_args(parser.parse_args(argv), method=method)
 
 
 def write_pngs(folder, n, size=20, seed=0):
