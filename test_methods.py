@@ -808,6 +808,12 @@ def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "r" / "edit_0_1.png")
     asfm.main(img + ["--stage", "asfm", "--mode", "bench", "--nfe", "1", "--freq", "2", "--mem-nfe", "2"])
     assert "ASFM / 1-RF step time" in capsys.readouterr().out
+    # FID / precision / recall plumbing with random Inception weights (no download in tests)
+    asfm.main(img + ["--stage", "asfm", "--mode", "eval", "--nfe", "1", "--fid-n", "8",
+                     "--inception-weights", "random"])
+    out = capsys.readouterr().out
+    assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" in out
+    assert os.path.isfile(tmp_path / "r" / "same_noise_by_nfe.png")
 
 
 def torchrun(script, args, tmp_path):
