@@ -20,6 +20,7 @@ channels (Integration Flow feeds its anchor this way).
 """
 import argparse
 import copy
+import datetime
 import math
 import os
 import sys
@@ -79,6 +80,9 @@ DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12
 
 def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     """The flags all four method scripts share. Defaults of None are filled by the preset."""
+    def one_line_error(message):  # argparse would print the usage block too
+        parser.exit(2, f"error: {message} (see --help)\n")
+    parser.error = one_line_error
     a = parser.add_argument
     a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
     a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
@@ -1246,8 +1250,9 @@ class Run:
             self.device = torch.device(f"cuda:{self.local_rank}" if want_cuda else "cpu")
             if want_cuda:
                 torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if want_cuda else "gloo")
+            if not dist.is_initialized():  # long timeout: rank 0 may evaluate FID meanwhile
+                dist.init_process_group("nccl" if want_cuda else "gloo",
+                                        timeout=datetime.timedelta(hours=2))
         else:
             self.rank, self.world, self.local_rank = 0, 1, 0
             self.device = torch.device(args.device or ("cuda" if want_cuda else "cpu"))

@@ -245,9 +245,11 @@ def test_bad_data_inputs(tmp_path):
     assert data.x.shape == (50, 2)
 
 
-def test_bad_arch_and_patch_size():
-    with pytest.raises(SystemExit):  # argparse: invalid choice
+def test_bad_arch_and_patch_size(capsys):
+    with pytest.raises(SystemExit):  # argparse: invalid choice, one line
         make_args(["--arch", "resnet"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'resnet'" in err
     with pytest.raises(common.UserError, match="divisible by the DiT patch"):
         make_args(["--dataset", "folder", "--arch", "dit", "--image-size", "15"])
     with pytest.raises(common.UserError, match="2-D data uses --arch mlp"):
