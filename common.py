@@ -5,9 +5,9 @@ consistency_func.py, scoreflow.py) and toy2d.py. Nothing method-specific lives h
 Sections, in order:
   1. CLI: the one flag set every script shares, presets, errors for bad input
   2. Networks: UNet (DDPM++-style), DiT (adaLN-Zero), MLP for 2-D, INR generator
-  3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t)
+  3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t), straightness
   4. Data: cifar10, celeba, image folders, 2-D toys, a user's points; resumable batches
-  5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances, straightness
+  5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances
   6. Training plumbing: run setup (device, bf16, TF32, DDP), EMA, atomic checkpoints,
      exact resume, logging, NaN guard, image and sample export, benchmarking
 
@@ -430,7 +430,7 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-# INR-GENERATOR-SECTION (FuncGenerator for --arch func, used by consistency_func.py)
+# ---- INR generator (--arch func): DiT features -> weights of a coordinate MLP (CM-Func) ----
 def pixel_grid(size, device=None, batch=None, jitter=False):
     """Pixel-centre coordinates of an H x W image on [-1, 1]^2: centres -1 + (2j + 1)/s, as
     (y, x) pairs, shape (H, W, 2). jitter=True gives ANR's "variational coordinates": each
