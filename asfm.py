@@ -301,7 +301,7 @@ def train(args, run, data, net):
             logs.update(logs_d)
             if run.due(step + 1, args.freq):
                 memory.refresh(generate)  # newest self-generated batch replaces the oldest
-        ema.update(net)
+        ema.update(net, step)
         run.log(step + 1, loss, **logs)
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, local=memory.state_dict() if args.stage == "asfm" else None, **state)
@@ -444,7 +444,7 @@ def main(argv=None):
     a("--reflow-pairs", type=int, default=None, help="number of fixed pairs (offline reflow)")
     a("--edit-index", default="0,1", help="two dataset indices for --mode edit")
     a("--edit-noise", type=float, default=0.1, help="noise added to the stitched latent")
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     presets = {k: dict(v, steps=v["rf_steps"], ema_decay=common.PRESETS[k]["ema_decay"])
                if args.stage == "rf" else v for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method=f"asfm-{args.stage}")
@@ -460,7 +460,7 @@ def main(argv=None):
     elif args.mode == "bench":
         bench(args, run, data, net)
     else:
-        common.load_weights(net, args.ckpt, device=run.device)
+        common.load_weights(net, args.ckpt, args.weights, run.device)
         net.eval()
         if args.mode == "sample":
             common.write_samples(args, data, sampler(net, data, run), run)

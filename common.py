@@ -46,7 +46,7 @@ class UserError(ValueError):
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
                 "tri-src", "tri-tgt", "points")
-IMAGE_DATASETS = ("cifar10", "celeba", "folder")
+IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits")
 ARCHS = ("mlp", "unet", "dit", "func")
 
 # Network sizes and training recipes. A method file copies these and overrides what its
@@ -119,7 +119,38 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     a("--fid-n", type=int, default=None, help="samples for FID (papers: 50000)")
     a("--inception-weights", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
     a("--eval-every", type=int, default=0, help="evaluate (FID / 2-D distance) every N steps")
+    a("--weights", default="ema", choices=("ema", "online"),
+      help="weights that sample/eval use: the EMA average (default) or the online training weights")
     return parser
+
+
+# Flags that say how to run now; everything else can come from a checkpoint's saved config.
+RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
+             "amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
+             "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
+             "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
+             "sampler"}
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv), then, when a mode other than train/bench is given --ckpt: every
+    flag not set on the command line (dataset, network, method flags) is taken from the
+    checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
+    `--mode sample --ckpt runs/x/ckpt.pt` is enough; flags you do set still win."""
+    args = parser.parse_args(argv)
+    if args.mode in ("train", "bench") or args.ckpt is None:
+        return args
+    unset = object()  # parse again into a namespace that already has every dest: argparse then
+    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    explicit = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
+    ckpt = load_checkpoint(args.ckpt)
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    for key, value in (config if isinstance(config, dict) else {}).items():
+        if key in vars(args) and key not in explicit and key not in RUN_FLAGS:
+            setattr(args, key, value)
+    if "out_dir" not in explicit:
+        args.out_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    return args
 
 
 def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
@@ -133,6 +164,8 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
                        {"cifar10": "cifar10", "celeba": "celeba64"}.get(args.dataset, "tiny"))
     if args.preset not in presets:
         raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(presets)}")
+    if args.dataset == "digits" and getattr(args, "hflip", None) is None:
+        args.hflip = False  # a mirrored digit is another digit, or none
     preset = dict(presets[args.preset])
     if args.arch == "dit" and args.preset in DIT_SIZE:
         preset.update(DIT_SIZE[args.preset])
@@ -782,6 +815,10 @@ def load_data(args, name=None, data_dir=None, train=True):
         x = torch.from_numpy(x).float()
         return Data("points", (2,), 0, x=x, y=torch.zeros(len(x), dtype=torch.long))
     size = args.image_size
+    if name == "digits":
+        x, y = _digits(size, train)
+        return Data(name, tuple(x.shape[1:]), 10, dataset=IndexedDataset(LabelledTensors(x, y)),
+                    x=x, y=y)
     if name == "cifar10":
         tf = _image_transform(size)
         try:
@@ -813,6 +850,43 @@ def load_data(args, name=None, data_dir=None, train=True):
         ds, ncls = _image_folder(root, _image_transform(size))
         return Data(name, (3, size, size), ncls, dataset=IndexedDataset(ds))
     raise UserError(f"unknown dataset '{name}': choose one of {', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
+
+
+DIGITS_TRAIN = 1500  # of scikit-learn's 1797 digits; the other 297 are held out
+
+
+def _digits(size, train=True):
+    """scikit-learn's copy of the UCI handwritten digits (1797 8x8 images, ink 0..16, 10
+    classes), scaled to [-1, 1] (background -1), bilinearly upsampled to size x size, 1 channel.
+    A fixed permutation (seed 0) splits them into 1500 training and 297 held-out images."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("--dataset digits reads scikit-learn's bundled copy of the UCI digits: "
+                        "pip install scikit-learn") from None
+    if size is None or size < 8:
+        raise UserError(f"--image-size {size}: digits are 8x8, use --image-size 8 or larger")
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().div(16).mul(2).sub(1)[:, None]  # (1797, 1, 8, 8)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    y = torch.from_numpy(d.target).long()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    keep = order[:DIGITS_TRAIN] if train else order[DIGITS_TRAIN:]
+    return x[keep].clamp(-1, 1).contiguous(), y[keep].contiguous()
+
+
+class LabelledTensors(torch.utils.data.Dataset):
+    """In-memory images and integer labels as a Dataset of (x, int label)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
 
 
 class _NoTarget(torch.utils.data.Dataset):
@@ -1153,21 +1227,123 @@ def toy_metrics(samples, reference):
 
 
 #################################################################################
+#       5c. digits-FD: a Frechet distance for --dataset digits (no Inception)   #
+#################################################################################
+
+class DigitsClassifier(nn.Module):
+    """A small CNN for the digits; its 64-d penultimate layer plays Inception's pool3."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]  # noqa: E731
+        self.features = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
+                                      nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 64),
+                                      nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_digits_classifier(size, epochs=30, seed=0):
+    """Adam on the 1500 training digits with +-1 pixel shifts; its own RNG, so training it in the
+    middle of a run changes none of the run's random draws. Returns (net, held-out accuracy)."""
+    x, y = _digits(size, train=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitsClassifier()
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        for _ in range(epochs):
+            for b in torch.randperm(len(x), generator=g).split(50):
+                dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+                loss = F.cross_entropy(net(x[b].roll((dx, dy), (2, 3))), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    xt, yt = _digits(size, train=False)
+    with torch.no_grad():
+        acc = (net.eval()(xt).argmax(1) == yt).float().mean().item()
+    return net, acc
+
+
+class DigitsFD:
+    """digits-FD: the Frechet distance between DigitsClassifier features of samples and of the
+    297 held-out digits, plus the classifier's mean confidence (max softmax) on the samples and
+    their class coverage (classes, of 10, that get at least 1% of the samples). The classifier
+    is trained once per image size and cached as cache_dir/digits_classifier-<size>.pt.
+    floor: the 1500 training digits vs the held-out ones (what a perfect model scores, up to
+    sample size); ceiling: N(0, I) noise clipped to [-1, 1]."""
+
+    def __init__(self, size, cache_dir, device="cpu"):
+        path = os.path.join(cache_dir, f"digits_classifier-{size}.pt")
+        self.net = DigitsClassifier()
+        if os.path.isfile(path):
+            state = load_checkpoint(path)
+            load_state(self.net, state["net"], "digits classifier", path)
+            self.accuracy = state["accuracy"]
+        else:
+            self.net, self.accuracy = train_digits_classifier(size)
+            save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy}, path)
+        self.net = self.net.to(device).eval()
+        self.size, self.device = size, device
+        self.ref = feature_stats(self.features(_digits(size, train=False)[0])[0])
+
+    @torch.no_grad()
+    def features(self, x):
+        """Features and softmax of images in [-1, 1], quantized to 8 bits like a saved PNG."""
+        x = to_uint8(x.float().cpu()).float().div(127.5).sub(1)
+        f = torch.cat([self.net.features(b.to(self.device)).cpu() for b in x.split(500)])
+        return f.double().numpy(), self.net.head(f.to(self.device)).softmax(1).cpu()
+
+    def predict(self, x):
+        return self.features(x)[1].argmax(1)
+
+    def report(self, x, ref=None):
+        """digits-FD against the held-out digits (or against the images `ref`), confidence,
+        coverage."""
+        if tuple(x.shape[1:]) != (1, self.size, self.size):
+            raise UserError(f"digits-FD needs (N, 1, {self.size}, {self.size}) images, got "
+                            f"{tuple(x.shape)}")
+        f, p = self.features(x)
+        share = torch.bincount(p.argmax(1), minlength=10).double() / len(x)
+        ref = self.ref if ref is None else feature_stats(self.features(ref)[0])
+        return {"digits_fd": frechet_distance(*feature_stats(f), *ref),
+                "confidence": p.max(1).values.mean().item(),
+                "coverage": int((share >= 0.01).sum())}
+
+    def floor_and_ceiling(self, n=1000):
+        noise = torch.randn(n, 1, self.size, self.size, generator=torch.Generator().manual_seed(0))
+        return (self.report(_digits(self.size, train=True)[0])["digits_fd"],
+                self.report(noise.clamp(-1, 1))["digits_fd"])
+
+
+#################################################################################
 #                            6. Training plumbing                               #
 #################################################################################
 
 class EMA:
     """Exponential moving average of a network's weights, kept in a frozen copy that
-    evaluation and sampling use (the training network is never swapped)."""
+    evaluation and sampling use (the training network is never swapped).
+
+    Warm-up: update k (k = 0, 1, ... = the training step) uses decay_k = min(decay,
+    (1 + k) / (10 + k)) (TensorFlow's ExponentialMovingAverage with num_updates). A fixed 0.999
+    would keep (0.999)^1500 = 22% of the random initial weights after 1500 steps; with the
+    warm-up the average covers roughly the last k/10 steps early on and `decay` later (from
+    k = 9000 for 0.999, k = 90000 for 0.9999). The step comes from the loop, so resume is exact."""
 
     def __init__(self, net, decay):
         self.model = copy.deepcopy(net).eval().requires_grad_(False)
         self.decay = decay
 
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, net):
+    def update(self, net, step):
         ema_p, net_p = list(self.model.parameters()), list(net.parameters())
-        torch._foreach_lerp_(ema_p, net_p, 1.0 - self.decay)  # p_ema += (1 - decay)(p - p_ema)
+        # p_ema += (1 - decay_k)(p - p_ema)
+        torch._foreach_lerp_(ema_p, net_p, 1.0 - self.decay_at(step))
         for b_ema, b in zip(self.model.buffers(), net.buffers()):
             b_ema.copy_(b)
 
@@ -1225,7 +1401,9 @@ def load_state(obj, state, name, path, config=None):
 
 
 def load_weights(net, path, key="ema", device="cpu"):
-    """Load the EMA (default) weights of a checkpoint into net; returns the checkpoint."""
+    """Load the EMA (default) or online (key 'online' or 'net') weights of a checkpoint into
+    net; returns the checkpoint."""
+    key = "net" if key == "online" else key
     ckpt = load_checkpoint(path, device)
     if key not in ckpt.get("state", {}):
         raise UserError(f"checkpoint '{path}' has no '{key}' weights")
@@ -1472,13 +1650,17 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
     from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}."""
     results, n = {}, n or args.fid_n
-    if data.is_image:
+    if args.dataset == "digits":  # no Inception: a small digit classifier's features
+        digits = DigitsFD(args.image_size, fid_cache_dir(args), run.device)
+        floor, ceiling = digits.floor_and_ceiling()
+        run.print(f"digits-FD floor {floor:.4g} (1500 train vs 297 held-out digits), noise "
+                  f"ceiling {ceiling:.4g}; samples are scored against the held-out digits")
+    elif data.is_image:
         inception = load_fid_inception(run.device, args.inception_weights)
         name = f"{args.dataset}-{args.image_size}"
         if args.dataset == "folder":
             name += "-" + os.path.basename(os.path.abspath(args.data_dir))
-        cache = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "..", "fid_stats")
-        ref = reference_stats(name, lambda: uint8_batches(data), inception, cache)
+        ref = reference_stats(name, lambda: uint8_batches(data), inception, fid_cache_dir(args))
     else:
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
@@ -1487,12 +1669,20 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
             x, used = sample_fn(min(args.batch_size, n - i), nfe)
             xs.append(x.float().cpu())
         x = torch.cat(xs)
-        m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
-        m.update(nfe=used, n=len(x))
+        if args.dataset == "digits":
+            m = digits.report(x)
+        else:
+            m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
+        m.update(nfe=used, n=len(x), weights=args.weights)
         results[nfe] = m
         run.print(f"eval nfe={nfe}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                  f"{k}={v}" for k, v in m.items()))
     return results
+
+
+def fid_cache_dir(args):
+    """runs/fid_stats beside the run folder: FID reference statistics, the digits classifier."""
+    return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "..", "fid_stats")
 
 
 def benchmark(run, train_step, sample_fn, nfes, batch, iters=10, warmup=2):

@@ -197,7 +197,7 @@ def train(args, run, data, net, method):
             else:
                 loss, logs = method.loss(model, x, step - pretrain)
         common.optimize(opt, loss, net, args, step)
-        ema.update(net)
+        ema.update(net, step - pretrain if step >= pretrain else step)  # warm-up restarts
         if step >= pretrain:
             run.log(step + 1 - pretrain, loss, **logs)
         elif run.due(step + 1, args.log_every) or step + 1 == pretrain:
@@ -305,7 +305,7 @@ def main(argv=None):
     parser.add_argument("--sample-res", default=None,
                         help="comma list of render sizes for --mode sample/bench (func: any)")
     parser.set_defaults(grad_clip=0.0, nfe="1,2")  # iCT clips no gradients
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     presets = {k: dict(v) for k, v in PRESETS.items()}
     if args.arch in (None, "func"):
         for name, size in FUNC_SIZE.items():
@@ -334,7 +334,7 @@ def main(argv=None):
         run.close()
         return
     if args.mode != "bench" or os.path.isfile(args.ckpt):
-        common.load_weights(net, args.ckpt, device=run.device)  # the EMA weights
+        common.load_weights(net, args.ckpt, args.weights, run.device)  # EMA by default
     net.eval()
     fn = sampler(run, data, net, method)
     if args.mode == "sample":

@@ -263,7 +263,7 @@ def train(args, run, data, net, method):
             loss, logs = method.loss(model, x0, anchor, w)
         out = logs.pop("out")
         common.optimize(opt, loss, net, args, step)
-        ema.update(net)
+        ema.update(net, step)
         if bank is not None:
             new = out if method.bank_update == "output" else x0.float()
             new = torch.where(flip, new.flip(3), new) if flip is not None else new
@@ -411,7 +411,7 @@ def main(argv=None):
     a("--sigma-data", type=float, default=0.5, help="VE input scaling 1/sqrt(sigma^2+sd^2) [reconstructed]")
     a("--conv-iters", type=int, default=20, help="sampling iterations for the convergence plot")
     a("--n-conv", type=int, default=2000, help="samples for the convergence plot")
-    args = common.finish_args(parser.parse_args(argv), presets=PRESETS, method="integration_flow",
+    args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",
                               default_nfe="1,2,4")
     if "rk45" in args.nfe_list:
         raise common.UserError("--nfe rk45 does not apply: Integration Flow has no ODE to solve, "
@@ -425,7 +425,7 @@ def main(argv=None):
     elif args.mode == "bench":
         bench(args, run, data, net, method)
     else:
-        common.load_weights(net, args.ckpt, device=run.device)
+        common.load_weights(net, args.ckpt, args.weights, run.device)
         net.eval()
         fn = sampler(args, run, data, net, method)
         if args.mode == "sample":

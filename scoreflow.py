@@ -211,7 +211,7 @@ def train(args, run, data, source, net, method):
         with run.autocast:
             loss, logs = method.loss(model, x1, x0, y)
         common.optimize(opt, loss, net, args, step)
-        ema.update(net)
+        ema.update(net, step)
         run.log(step + 1, loss, **logs)
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, net=net, ema=ema, opt=opt)
@@ -311,11 +311,12 @@ def likelihood(args, run, data, net, method):
 
 
 def load_model(args, run, path, shape):
-    """EMA network of a checkpoint, built with the classes it was trained with."""
+    """The EMA (or --weights online) network of a checkpoint, built with its classes."""
     ckpt = common.load_checkpoint(path, run.device)
     classes = int(ckpt.get("config", {}).get("cond_classes", 0))
     net = common.build_net(args, shape, num_classes=classes).to(run.device)
-    common.load_state(net, ckpt["state"]["ema"], "network", path, ckpt.get("config"))
+    key = "net" if args.weights == "online" else "ema"
+    common.load_state(net, ckpt["state"][key], "network", path, ckpt.get("config"))
     return net.eval(), classes, ckpt.get("config", {})
 
 
@@ -329,8 +330,17 @@ def image_fid(args, run, fake, real):
 
 @torch.no_grad()
 def class_fidelity(args, run, data, sample_fn, method):
-    """2-D, class-conditional: samples of each class vs fresh points of that class (shows CFG)."""
+    """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits, the
+    fraction of samples of each class that the digit classifier reads as that class (CFG)."""
     n = max(100, args.fid_n // method.num_classes)
+    if args.dataset == "digits":
+        digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
+        for nfe in args.nfe_list:
+            acc = [(digits.predict(sample_fn(n, nfe, c)[0]) == c).float().mean().item()
+                   for c in range(method.num_classes)]
+            run.print(f"eval nfe={nfe}: class accuracy {sum(acc) / len(acc):.4g} (cfg {args.cfg}, "
+                      f"{n} samples per class, read by the digit classifier)")
+        return
     for nfe in args.nfe_list:
         sw2 = [common.sliced_wasserstein(sample_fn(n, nfe, c)[0].cpu(), draw(data, n, c, 12345)[0])
                for c in range(method.num_classes)]
@@ -394,6 +404,12 @@ def translate_cli(args, run, data):
         if data.is_image:
             mse = (x_b - x_a).pow(2).flatten(1).mean(1)
             m["psnr_to_source"] = (10 * torch.log10(4 / mse)).mean().item()  # peak-to-peak 2
+        if args.dataset == "digits":  # target-class digits-FD and how many read as that class
+            digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
+            m["digits_fd_to_target"] = digits.report(x_b.cpu(), ref)["digits_fd"]
+            if args.tgt_class is not None:
+                m["read_as_target"] = (digits.predict(x_b) == args.tgt_class).float().mean().item()
+        elif data.is_image:
             m["fid_to_target"] = image_fid(args, run, x_b.cpu(), ref)
         else:
             m.update({f"{k}_to_target": v for k, v in common.toy_metrics(x_b.cpu(), ref).items()})
@@ -435,7 +451,7 @@ def parse(argv):
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
     a("--bpd", action="store_true", help="--mode eval: also the exact likelihood")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
-    args = common.finish_args(parser.parse_args(argv), presets=PRESETS, method="scoreflow",
+    args = common.finish_args(common.parse_args(parser, argv), presets=PRESETS, method="scoreflow",
                               default_nfe="1,2,4,8,rk45")
     if args.beta < 0 or not 0 <= args.p_uncond < 1:
         raise common.UserError("--beta must be >= 0 and --p-uncond in [0, 1)")
@@ -487,7 +503,7 @@ def main(argv=None):
             common.write_samples(args, data, fn, run)
         else:
             result = common.evaluate(args, run, data, fn)
-            if cond and not data.is_image:
+            if cond and (not data.is_image or args.dataset == "digits"):
                 class_fidelity(args, run, data, fn, method)
             reversibility(args, run, data, source, net, method)
             if args.bpd:

@@ -288,7 +288,7 @@ def test_checkpoint_round_trip_and_clean_keys(tmp_path):
     model = run.wrap(net)  # torch.compile wrapper; checkpoints come from the raw net
     loss = model(torch.randn(8, 2), torch.rand(8)).pow(2).mean()
     common.optimize(opt, loss, net, args, 0)
-    ema.update(net)
+    ema.update(net, 0)
     run.save(7, net=net, ema=ema, opt=opt, extra=torch.arange(3))
     ckpt = torch.load(run.ckpt_path, weights_only=True)
     assert ckpt["step"] == 7 and ckpt["config"]["dataset"] == "moons"
@@ -303,15 +303,24 @@ def test_checkpoint_round_trip_and_clean_keys(tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == 1
 
 
-def test_ema_update_rule():
+def test_ema_update_rule_and_warmup():
     net = nn.Linear(2, 1)
     ema = common.EMA(net, 0.9)
     old = ema.model.weight.clone()
     with torch.no_grad():
         net.weight.add_(1.0)
-    ema.update(net)
+    ema.update(net, 1000)  # past the warm-up: decay_k = min(0.9, 1001/1010) = 0.9
     assert torch.allclose(ema.model.weight, 0.9 * old + 0.1 * net.weight)
     assert not ema.model.training and not ema.model.weight.requires_grad
+    # warm-up: decay_k = (1 + k) / (10 + k): 0.1 at k = 0, 0.5 at k = 8, capped by decay
+    ema = common.EMA(net, 0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(8) == pytest.approx(0.5)
+    assert ema.decay_at(10**6) == 0.999 and ema.decay_at(8990) == pytest.approx(0.999)
+    old = ema.model.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net, 0)
+    assert torch.allclose(ema.model.weight, 0.1 * old + 0.9 * net.weight)
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def fit(net, loss_fn, steps, lr=LR, ema_decay=0.995, extra_update=None):
         opt.step()
         if extra_update is not None:
             extra_update(step)
-        ema.update(net)
+        ema.update(net, step)
     return ema.model
 
 
