@@ -1286,7 +1286,7 @@ class DigitsFD:
             self.net, self.accuracy = train_digits_classifier(size)
             save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy}, path)
         self.net = self.net.to(device).eval()
-        self.size, self.device = size, device
+        self.size, self.device, self.cache_dir = size, device, cache_dir
         self.ref = feature_stats(self.features(_digits(size, train=False)[0])[0])
 
     @torch.no_grad()

@@ -256,6 +256,37 @@ def test_bad_arch_and_patch_size(capsys):
         make_args(["--dataset", "moons", "--arch", "unet"])
 
 
+def test_digits_loader_split_scaling_and_no_flips():
+    from sklearn.datasets import load_digits
+    args = make_args(["--dataset", "digits"])
+    assert (args.preset, args.image_size, args.hflip) == ("tiny", 16, False)  # no flips for digits
+    assert make_args(["--dataset", "digits", "--hflip"]).hflip is True  # unless asked for
+    train, held = common.load_data(args), common.load_data(args, train=False)
+    assert train.shape == (1, 16, 16) and train.num_classes == 10
+    assert (len(train), len(held)) == (1500, 297) and train.x.shape == (1500, 1, 16, 16)
+    assert train.x.min() >= -1 and train.x.max() <= 1 and set(train.y.tolist()) == set(range(10))
+    x, y, i = train.dataset[7]  # the Dataset view agrees with the in-memory tensors
+    assert torch.equal(x, train.x[7]) and y == int(train.y[7]) and i == 7
+    # at 8x8 the pixels are scikit-learn's ink 0..16 mapped to [-1, 1]; the split is a partition
+    raw = load_digits()
+    d8 = [common.load_data(make_args(["--dataset", "digits", "--image-size", "8"]), train=t)
+          for t in (True, False)]
+    xs, ys = torch.cat([d.x for d in d8]), torch.cat([d.y for d in d8])
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))
+    expected = torch.from_numpy(raw.images).float()[order] / 8 - 1
+    assert torch.equal(xs[:, 0], expected) and torch.equal(ys, torch.from_numpy(raw.target)[order])
+    assert torch.equal(common.load_data(args).x, train.x)  # the same split every time
+    with pytest.raises(common.UserError, match="--image-size 8 or larger"):
+        common.load_data(make_args(["--dataset", "digits", "--image-size", "4"]))
+
+
+def test_digits_without_scikit_learn_is_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(common.UserError, match="pip install scikit-learn"):
+        common.load_data(make_args(["--dataset", "digits"]))
+
+
 def test_resumable_batches_cover_epoch_and_restart_midway():
     args = make_args(["--dataset", "moons", "--batch-size", "100", "--device", "cpu"])
     run = common.Run(args)
@@ -682,6 +713,31 @@ def test_fid_report_same_images(tmp_path):
     assert rep["is"] >= 1.0
     other = fid_report(m, torch.full_like(imgs, 255) - imgs // 4, ref)
     assert other["fid"] > 1.0
+
+
+@pytest.fixture(scope="module")
+def digits_fd(tmp_path_factory):
+    """The digit classifier, trained once for these tests in a temporary cache folder."""
+    return common.DigitsFD(16, str(tmp_path_factory.mktemp("digits-cache")))
+
+
+def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp_path_factory):
+    train, held = common._digits(16, True)[0], common._digits(16, False)[0]
+    assert digits_fd.accuracy > 0.9  # held-out accuracy of the feature network
+    floor, ceiling = digits_fd.floor_and_ceiling()
+    same = digits_fd.report(held)
+    assert abs(same["digits_fd"]) < 1e-3 and same["coverage"] == 10 and same["confidence"] > 0.9
+    blurred = digits_fd.report(F.avg_pool2d(train, 3, 1, 1))["digits_fd"]  # strokes smeared
+    assert 0 < floor < blurred < ceiling and ceiling > 20 * floor
+    one = digits_fd.report(train[:1].repeat(500, 1, 1, 1))  # a collapsed model: one digit
+    assert one["coverage"] == 1 and one["digits_fd"] > blurred
+    # deterministic: the cached classifier gives the same number in a fresh scorer
+    cache = os.path.dirname(next(p for p in tmp_path_factory.getbasetemp().rglob(
+        "digits_classifier-16.pt")))
+    again = common.DigitsFD(16, cache)
+    assert again.report(F.avg_pool2d(train, 3, 1, 1))["digits_fd"] == blurred
+    with pytest.raises(common.UserError, match=r"\(N, 1, 16, 16\)"):
+        digits_fd.report(torch.zeros(4, 3, 16, 16))
 
 
 #################################################################################
@@ -1685,6 +1741,58 @@ def test_scoreflow_under_torchrun_two_gloo_ranks(tmp_path):
 #################################################################################
 #                                    toy2d.py                                   #
 #################################################################################
+
+#################################################################################
+#            every script on real digits (--dataset digits, train -> sample)    #
+#################################################################################
+
+SCRIPTS = {"asfm": asfm, "integration_flow": IF, "consistency_func": cf, "scoreflow": scoreflow}
+
+
+@pytest.mark.parametrize("script,arch", [("asfm", "unet"), ("asfm", "dit"),
+                                         ("integration_flow", "unet"), ("integration_flow", "dit"),
+                                         ("consistency_func", "unet"), ("consistency_func", "dit"),
+                                         ("consistency_func", "func"), ("scoreflow", "unet"),
+                                         ("scoreflow", "dit")])
+def test_every_script_trains_on_digits_and_samples_from_the_checkpoint_alone(script, arch, tmp_path):
+    out = str(tmp_path / "run")
+    extra = {"asfm": ["--stage", "rf"], "consistency_func": ["--pretrain-epochs", "0"],
+             "integration_flow": ["--n-conv", "8", "--conv-iters", "2"]}.get(script, [])
+    SCRIPTS[script].main(["--dataset", "digits", "--arch", arch, "--steps", "2", "--batch-size", "8",
+                          "--width", "32", "--device", "cpu", "--out-dir", out, *extra])
+    # only the mode and the checkpoint: dataset, network and method flags come from its config
+    SCRIPTS[script].main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1",
+                          "--n", "4"])
+    samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
+    assert samples.shape == (4, 16, 16, 1) and samples.dtype == np.uint8
+    assert os.path.isfile(os.path.join(out, "samples", "nfe1.png"))
+
+
+def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
+    """A class-conditional ScoreFlow on digits: eval prints digits-FD with its floor for the EMA
+    and the online weights (different numbers), and translation 3 -> 8 reports how many
+    translated digits the classifier reads as 8s."""
+    import shutil
+    os.makedirs(tmp_path / "fid_stats")  # the scripts' cache: <run>/../fid_stats
+    shutil.copy(os.path.join(digits_fd.cache_dir, "digits_classifier-16.pt"), tmp_path / "fid_stats")
+    out, ckpt = str(tmp_path / "sf"), str(tmp_path / "sf" / "ckpt.pt")
+    scoreflow.main(["--dataset", "digits", "--steps", "20", "--batch-size", "16", "--width", "16",
+                    "--device", "cpu", "--out-dir", out])
+    capsys.readouterr()
+    fds = {}
+    for weights in ("ema", "online"):
+        res = scoreflow.main(["--mode", "eval", "--ckpt", ckpt, "--nfe", "1", "--fid-n", "60",
+                              "--n", "8", "--weights", weights])
+        fds[weights] = res[1]["digits_fd"]
+        assert res[1]["weights"] == weights and 0 <= res[1]["coverage"] <= 10
+    printed = capsys.readouterr().out
+    assert "digits-FD floor" in printed and "class accuracy" in printed
+    assert fds["ema"] != fds["online"]
+    m = scoreflow.main(["--mode", "translate", "--ckpt", ckpt, "--src-class", "3", "--tgt-class",
+                        "8", "--nfe", "2", "--fid-n", "20"])
+    assert 0 <= m["read_as_target"] <= 1 and m["digits_fd_to_target"] > 0
+    assert os.path.isfile(os.path.join(out, "translate_class_two-pass.png"))
+
 
 import toy2d  # noqa: E402
 
