@@ -1627,11 +1627,25 @@ def export_samples(path, samples, nfe):
     np.savez(path, samples=s, nfe=np.array(nfe))
 
 
+def own_rng(fn):
+    """Run fn(args, run, ...) on its own copy of the RNG streams: sampling and evaluation during
+    training then leave the training draws untouched (a resumed run, which skips them, draws
+    exactly what the uninterrupted run drew)."""
+    def wrapped(args, *rest, **kw):
+        run = kw.get("run") or next(r for r in rest if isinstance(r, Run))
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            return fn(args, *rest, **kw)
+    return wrapped
+
+
+@own_rng
 def write_samples(args, data, sample_fn, run):
     """--mode sample: --n samples at each --nfe from sample_fn(n, nfe) -> (x, nfe_used),
-    written as <samples-out>/nfe<k>.npz and a grid (images) or scatter plot (2-D)."""
+    written as <samples-out>/nfe<k>.npz and a grid (images) or scatter plot (2-D). The RNG is
+    re-seeded from --seed for each NFE: every NFE, and every script, starts from the same noise."""
     panels = []
     for nfe in args.nfe_list:
+        torch.manual_seed(args.seed)
         xs, used = [], None
         for i in range(0, args.n, args.batch_size):
             x, used = sample_fn(min(args.batch_size, args.n - i), nfe)
@@ -1646,6 +1660,7 @@ def write_samples(args, data, sample_fn, run):
         save_scatter(panels, os.path.join(args.samples_out, "samples.png"), ref=data.fresh(2000))
 
 
+@own_rng
 def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
     from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}."""
