@@ -852,8 +852,11 @@ def test_reflow_and_asfm_one_step_beat_1rf_on_toy(tmp_path):
 
 
 def test_asfm_resume_continues_exactly(tmp_path):
+    # --sample-every 3: the uninterrupted run samples at step 3, the resumed one does not; sampling
+    # must not shift the training random draws
     base = ["--stage", "asfm", "--init", "none", "--mem-size", "3", "--freq", "2", "--width", "32",
-            "--batch-size", "64", "--device", "cpu", "--ckpt-every", "3"]
+            "--batch-size", "64", "--device", "cpu", "--ckpt-every", "3", "--sample-every", "3",
+            "--nfe", "1"]
     asfm.main(base + ["--steps", "6", "--out-dir", str(tmp_path / "straight")])
     asfm.main(base + ["--steps", "3", "--out-dir", str(tmp_path / "killed")])  # "killed" at step 3
     asfm.main(base + ["--steps", "6", "--out-dir", str(tmp_path / "killed"), "--resume"])
