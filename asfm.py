@@ -207,7 +207,7 @@ def init_from_rf(args, run, net):
             rf_args.out_dir, rf_args.ckpt = os.path.dirname(path), path
             run.args = rf_args  # the run logs and checkpoints into the 1-RF folder meanwhile
             train(rf_args, run, common.load_data(args), net)
-            run.args = args
+            run.args, run.saved_step = args, None
     common.load_weights(net, path, device=run.device)
     run.print(f"initialized from the EMA weights of {path}")
 
@@ -240,10 +240,12 @@ def step_discriminator(opt_d, loss_d, D, run):
     averaged over ranks by hand."""
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
-    if run.ddp:
-        for p in D.parameters():
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= run.world
+    if run.ddp:  # one all_reduce over all of D's gradients, flattened
+        grads = [p.grad for p in D.parameters()]
+        flat = torch.cat([g.flatten() for g in grads]).div_(run.world)
+        torch.distributed.all_reduce(flat)
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
     opt_d.step()
 
 
@@ -262,6 +264,7 @@ def train(args, run, data, net):
             teach = generator(teacher, data.shape, args.reflow_nfe, run.device, run.autocast)
     if args.stage == "asfm":
         asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
+        torch.manual_seed(args.seed + 1)  # the same D on every rank, whatever ran before
         D = make_discriminator(data.shape, args.width).to(run.device)
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
         memory = TrainingMemory(args.mem_size, run.local_batch, data.shape, run.device)

@@ -1447,6 +1447,7 @@ class Run:
                          else nullcontext())
         self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
         if self.master:
@@ -1481,11 +1482,34 @@ class Run:
         parts += [f"{rate:.2f} steps/s", f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
         self.print(" | ".join(parts))
 
-    def check_finite(self, step):
+    def check_finite(self, step, what="loss"):
         if self._bad.item():
-            raise UserError(f"loss became NaN/inf before step {step}; stopped without saving, "
-                            f"the last good checkpoint is {self.ckpt_path}: lower --lr or "
-                            "use --amp fp32, then --resume")
+            last = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
+                    if self.saved_step is not None else "no checkpoint of this run was written")
+            raise UserError(f"{what} became NaN/inf before step {step}; stopped without saving, "
+                            f"{last}: lower --lr or use --amp fp32, then --resume")
+
+    def check_weights(self, step, *states):
+        """Before a checkpoint is written: every floating tensor in it (weights, EMA, optimizer
+        state, memory) must be finite; the loss can be finite while the update just made it
+        NaN. One host sync; under DDP the verdict is shared so that all ranks stop together."""
+        flags = [torch.zeros((), dtype=torch.bool, device=self.device)]
+
+        def walk(obj):
+            if torch.is_tensor(obj):
+                if obj.is_floating_point():
+                    flags.append(~torch.isfinite(obj).all().to(self.device))
+            elif isinstance(obj, (dict, list, tuple)):
+                for v in (obj.values() if isinstance(obj, dict) else obj):
+                    walk(v)
+        walk(states)
+        bad = torch.stack(flags).any()
+        if self.ddp:
+            bad = bad.float()
+            torch.distributed.all_reduce(bad)
+            bad = bad > 0
+        self._bad |= bad
+        self.check_finite(step, "the weights or the loss")
 
     @staticmethod
     def due(step, every):
@@ -1519,6 +1543,7 @@ class Run:
         ckpt = {"step": step, "config": config_dict(self.args),
                 "state": {k: (v.state_dict() if hasattr(v, "state_dict") else v)
                           for k, v in state.items()}}
+        self.check_weights(step, ckpt["state"], local)
         if local is not None and self.world > 1:
             save_atomic({"step": step, "local": local}, f"{self.ckpt_path}.rank{self.rank}")
         elif local is not None:
@@ -1527,6 +1552,9 @@ class Run:
             torch.distributed.barrier()  # rank files first, then the main file
         if self.master:
             save_atomic(ckpt, self.ckpt_path)
+            self.saved_step = step
+        if self.ddp:  # nobody goes on (or loads ckpt.pt) before rank 0 has written it
+            torch.distributed.barrier()
         self.reseed(step)
 
     def resume(self, **objects):
@@ -1549,6 +1577,7 @@ class Run:
             rank_file = load_checkpoint(f"{self.ckpt_path}.rank{self.rank}", self.device)
             local = rank_file["local"] if rank_file["step"] == ckpt["step"] else None
         self.reseed(ckpt["step"])
+        self.saved_step = ckpt["step"]
         self._mark = (time.time(), ckpt["step"])
         self.print(f"resumed from {self.ckpt_path} at step {ckpt['step']}")
         return ckpt["step"], ckpt, local

@@ -911,6 +911,34 @@ def test_asfm_under_torchrun_two_gloo_ranks(tmp_path):
     assert r0["local"]["z"].shape == (2, 32, 2) and not torch.equal(r0["local"]["z"], r1["local"]["z"])
 
 
+def _asfm_rank(rank, world, port, out, argv):
+    """One torchrun-like rank running asfm.main; keeps the discriminator it built."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    built = []
+    make = asfm.make_discriminator
+    asfm.make_discriminator = lambda *a, **k: built.append(make(*a, **k)) or built[-1]
+    asfm.main(argv)
+    torch.save(built[-1].state_dict(), os.path.join(out, f"D{rank}.pt"))
+
+
+def test_init_auto_hand_over_under_two_gloo_ranks(tmp_path):
+    # fresh folder: --init auto trains the 1-RF first (per-rank seeds), rank 1 must not load its
+    # checkpoint before rank 0 has written it, and D must start (and stay) identical on both ranks
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--stage", "asfm", "--init", "auto", "--rf-steps", "3", "--steps", "2",
+            "--batch-size", "32", "--mem-size", "2", "--freq", "1", "--width", "16",
+            "--device", "cpu", "--out-dir", str(tmp_path / "asfm-asfm-8gaussians-toy")]
+    torch.multiprocessing.spawn(_asfm_rank, args=(2, port, str(tmp_path), argv), nprocs=2)
+    assert common.load_checkpoint(str(tmp_path / "asfm-rf-8gaussians-toy" / "ckpt.pt"))["step"] == 3
+    assert common.load_checkpoint(str(tmp_path / "asfm-asfm-8gaussians-toy" / "ckpt.pt"))["step"] == 2
+    d0, d1 = (torch.load(tmp_path / f"D{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(d0[k], d1[k]) for k in d0)
+
+
 def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
     out = str(tmp_path / "t")
     asfm.main(["--stage", "rf", "--steps", "20", "--width", "32", "--device", "cpu", "--out-dir", out])
