@@ -584,12 +584,14 @@ class FuncGenerator(nn.Module):
 
 @torch.no_grad()
 def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5,
-              return_traj=False):
+              return_traj=False, max_nfe=10_000):
     """Solve dx/dt = v(x, t) from t0 to t1 (t1 < t0 integrates backwards, e.g. for inversion).
 
     v(x, t) receives t as a float tensor [B]. method: 'euler' (nfe steps, NFE = nfe),
     'heun' (nfe steps, NFE = 2 nfe), 'rk45' (adaptive Dormand-Prince, rtol/atol; nfe unused).
     Returns (x_t1, info) with info = {'nfe': evaluations used, 'traj': [x at each step] or None}.
+    A NaN/inf result (a diverged checkpoint) or an RK45 run past max_nfe evaluations (a field
+    too stiff for it) stops with a one-line error instead of writing NaN or hanging.
     """
     ones = torch.ones(x.shape[0], device=x.device)
     traj = [x] if return_traj else None
@@ -604,9 +606,10 @@ def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e
             x = x + h * d
             if return_traj:
                 traj.append(x)
+        _check_ode_finite(x, method)
         return x, {"nfe": nfe * (2 if method == "heun" else 1), "traj": traj}
     if method == "rk45":
-        return _dopri5(v, x, t0, t1, rtol, atol, ones, traj)
+        return _dopri5(v, x, t0, t1, rtol, atol, ones, traj, max_nfe)
     raise UserError(f"unknown sampler '{method}': use euler, heun or rk45")
 
 
@@ -620,11 +623,22 @@ _DP_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
 _DP_E = [71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]  # b5 - b4
 
 
-def _dopri5(v, x, t0, t1, rtol, atol, ones, traj):
+def _check_ode_finite(x, method, t=None):
+    if not torch.isfinite(x).all():
+        where = f" at t = {t:.4g}" if t is not None else ""
+        raise UserError(f"{method}: the network's velocity is NaN/inf{where}; the checkpoint has "
+                        "probably diverged: sample from an earlier checkpoint or retrain")
+
+
+def _dopri5(v, x, t0, t1, rtol, atol, ones, traj, max_nfe):
     direction, t, nfe = (1.0 if t1 >= t0 else -1.0), t0, 1
     k1 = v(x, t * ones)
+    _check_ode_finite(k1, "rk45", t)
     h = direction * min(0.01, abs(t1 - t0))
     while direction * (t1 - t) > 1e-12:
+        if nfe + 6 > max_nfe:
+            raise UserError(f"rk45 used {nfe} evaluations and reached only t = {t:.4g} of {t1}: "
+                            "the flow is too stiff for it (or diverged); use Euler (--nfe N)")
         h = direction * min(abs(h), abs(t1 - t))
         ks = [k1]
         for i in range(1, 7):
@@ -635,6 +649,9 @@ def _dopri5(v, x, t0, t1, rtol, atol, ones, traj):
         err = h * sum(e * k for e, k in zip(_DP_E, ks) if e)
         scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
         err_norm = (err / scale).pow(2).mean().sqrt().item()
+        if not math.isfinite(err_norm):
+            _check_ode_finite(x_new, "rk45", t)  # NaN stages; else the error overflowed
+            err_norm = 1e10
         if err_norm <= 1.0:
             t, x, k1 = t + h, x_new, ks[6]
             if traj is not None:

@@ -148,6 +148,29 @@ def test_euler_trajectory_and_bad_nfe():
     assert common.parse_nfe("1, 2,rk45") == [1, 2, "rk45"]
 
 
+def test_nan_or_stiff_field_stops_rk45_and_euler_with_one_line_error():
+    calls = [0]
+
+    def nan_after(k):
+        def v(x, t):
+            calls[0] += 1
+            return x * float("nan") if calls[0] > k else -x
+        return v
+    for k in (0, 20):  # NaN at the first evaluation, and midway through the solve
+        calls[0] = 0
+        with pytest.raises(common.UserError, match="rk45: .*NaN/inf at t = .*earlier checkpoint"):
+            common.integrate(nan_after(k), torch.ones(4, 2), None, "rk45")
+        assert calls[0] <= k + 7  # caught within one step, not an ever-shrinking step size
+    calls[0] = 0
+    stiff = lambda x, t: calls.__setitem__(0, calls[0] + 1) or -1e7 * x  # noqa: E731
+    with pytest.raises(common.UserError, match="too stiff.*Euler"):
+        common.integrate(stiff, torch.ones(4, 2), None, "rk45", max_nfe=600)
+    assert calls[0] <= 600
+    for method in ("euler", "heun"):
+        with pytest.raises(common.UserError, match=f"{method}: .*NaN/inf"):
+            common.integrate(nan_after(0), torch.ones(4, 2), 3, method)
+
+
 def test_straightness_zero_for_straight_flow_positive_for_curved():
     z = torch.randn(64, 2)
     assert common.straightness(lambda x, t: torch.ones_like(x), z) < 1e-10
