@@ -184,11 +184,45 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
     if args.steps < 0 or args.batch_size <= 0 or args.lr <= 0:
         raise UserError("--steps must be >= 0, --batch-size and --lr > 0")
     args.nfe_list = parse_nfe(args.nfe or default_nfe)
+    check_numbers(args)
     args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}-{args.preset}")
     args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
     args.method = method
     return args
+
+
+# flag: (lowest allowed, highest allowed or None, is the highest excluded); NaN always fails
+FLAG_RANGES = {"lr": (0, None), "ema_decay": (0, 1, True), "dropout": (0, 1, True),
+               "grad_clip": (0, None), "warmup": (0, None), "n": (1, None), "fid_n": (1, None),
+               "width": (1, None), "depth": (1, None), "image_size": (1, None),
+               "log_every": (1, None), "ckpt_every": (0, None), "sample_every": (0, None),
+               "eval_every": (0, None), "workers": (0, None)}
+
+
+def check_numbers(args):
+    """One-line errors for numeric flags outside their range (NaN and inf included), and for a
+    --device torch cannot compute on."""
+    for key, (low, high, *open_top) in FLAG_RANGES.items():
+        value = getattr(args, key, None)
+        if value is None or isinstance(value, (list, tuple)):
+            continue
+        span = f">= {low}" if high is None else f"in [{low}, {high}{')' if open_top else ']'}"
+        if not (math.isfinite(value) and value >= low and (high is None or value < high
+                                                           or (value == high and not open_top))):
+            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use a number {span}")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr} is out of range: use a number > 0")
+    for flag in ("sample_res",):
+        for value in getattr(args, flag, None) or []:
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--sample-res {value}: every size must be a positive integer")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: only cpu and cuda are supported")
 
 
 def parse_nfe(text):
@@ -1508,14 +1542,16 @@ class Run:
 
     def check_weights(self, step, *states):
         """Before a checkpoint is written: every floating tensor in it (weights, EMA, optimizer
-        state, memory) must be finite; the loss can be finite while the update just made it
-        NaN. One host sync; under DDP the verdict is shared so that all ranks stop together."""
+        state, memory) must be finite and below 1e18 in magnitude; the loss can be finite while
+        the update just made the weights NaN or huge (a product of two numbers above 1e19
+        overflows float32, so such weights give an inf loss on the next step). One host sync;
+        under DDP the verdict is shared so that all ranks stop together."""
         flags = [torch.zeros((), dtype=torch.bool, device=self.device)]
 
         def walk(obj):
             if torch.is_tensor(obj):
                 if obj.is_floating_point():
-                    flags.append(~torch.isfinite(obj).all().to(self.device))
+                    flags.append(~(obj.detach().abs() < 1e18).all().to(self.device))  # NaN fails too
             elif isinstance(obj, (dict, list, tuple)):
                 for v in (obj.values() if isinstance(obj, dict) else obj):
                     walk(v)
@@ -1526,7 +1562,7 @@ class Run:
             torch.distributed.all_reduce(bad)
             bad = bad > 0
         self._bad |= bad
-        self.check_finite(step, "the weights or the loss")
+        self.check_finite(step, "the weights (or the loss)")
 
     @staticmethod
     def due(step, every):

@@ -892,6 +892,25 @@ def test_asfm_resume_continues_exactly(tmp_path):
     assert torch.equal(a["local"]["x1"], b["local"]["x1"])
 
 
+def test_diverging_run_keeps_a_finite_resumable_checkpoint(tmp_path):
+    # lr 1e37 makes the weights ~1e37 in one Adam step while that step's loss was finite: the
+    # checkpoint due right after must not be written over the good one (its loss would be inf)
+    out = str(tmp_path / "div")
+    base = ["--stage", "rf", "--width", "16", "--device", "cpu", "--ckpt-every", "1",
+            "--grad-clip", "0", "--warmup", "0", "--out-dir", out]
+    asfm.main(base + ["--steps", "3"])
+    with pytest.raises(common.UserError, match=r"weights \(or the loss\) became NaN/inf before step 4;"
+                       r" stopped without saving, the last good checkpoint is .*\(step 3\)"):
+        asfm.main(base + ["--steps", "6", "--lr", "1e37", "--resume"])
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for k in ("net", "ema") for v in ckpt["state"][k].values())
+    asfm.main(base + ["--steps", "5", "--resume"])  # resumes and trains on
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 5
+    with pytest.raises(common.UserError, match=r"--ema-decay 1.5.*\[0, 1\)"):
+        asfm.main(base + ["--steps", "1", "--ema-decay", "1.5"])
+
+
 def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     write_pngs(tmp_path / "img", 8)
     img = ["--dataset", "folder", "--data-dir", str(tmp_path / "img"), "--preset", "tiny",
