@@ -204,6 +204,7 @@ def init_from_rf(args, run, net):
             run.print(f"training 1-RF first ({args.rf_steps} steps) into {os.path.dirname(path)}")
             rf_args = copy.copy(args)
             rf_args.stage, rf_args.steps, rf_args.resume = "rf", args.rf_steps, True
+            rf_args.method = "asfm-rf"
             rf_args.out_dir, rf_args.ckpt = os.path.dirname(path), path
             run.args = rf_args  # the run logs and checkpoints into the 1-RF folder meanwhile
             train(rf_args, run, common.load_data(args), net)

@@ -108,6 +108,7 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     a("--workers", type=int, default=2, help="DataLoader worker processes (image data)")
     a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<preset>)")
     a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt if it exists")
+    a("--overwrite", action="store_true", help="train from scratch over an existing <out-dir>/ckpt.pt")
     a("--log-every", type=int, default=None)
     a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
     a("--ckpt-every", type=int, default=None)
@@ -125,7 +126,7 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
 
 
 # Flags that say how to run now; everything else can come from a checkpoint's saved config.
-RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
+RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "overwrite", "device",
              "amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
              "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
              "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
@@ -1422,18 +1423,27 @@ def save_atomic(obj, path):
     leaves the previous file intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, killed by Ctrl-C, ...: no full-size leftovers
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at '{path}': train first or pass --ckpt PATH")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 (truncated zip, bad pickle, ...)
         raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}): it is corrupt "
                         "or not one of ours; use an earlier checkpoint or retrain") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"'{path}' holds a {type(ckpt).__name__}, not one of our checkpoints "
+                        "(a dict): pass a ckpt.pt written by these scripts")
+    return ckpt
 
 
 ARCH_KEYS = ("arch", "preset", "width", "depth", "image_size", "dataset")
@@ -1501,8 +1511,29 @@ class Run:
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
+        self.check_run_folder()
         if self.master:
             os.makedirs(args.out_dir, exist_ok=True)
+
+    def check_run_folder(self):
+        """Training never silently overwrites another run's ckpt.pt (--resume continues it,
+        --overwrite starts over); sample/eval refuse a checkpoint another script wrote."""
+        args = self.args
+        if args.mode == "train" and os.path.isfile(self.ckpt_path):
+            ckpt = load_checkpoint(self.ckpt_path)
+            config = ckpt.get("config") if isinstance(ckpt, dict) else None
+            written_by = (config or {}).get("method", "an unknown method")
+            if not (args.resume or getattr(args, "overwrite", False)):
+                raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
+                                f"{ckpt.get('step', '?')}): pass --resume to continue it, "
+                                "--overwrite to start over, or another --out-dir")
+        elif args.mode not in ("train", "bench") and os.path.isfile(args.ckpt):
+            ckpt = load_checkpoint(args.ckpt)
+            config = ckpt.get("config") if isinstance(ckpt, dict) else None
+            written_by = (config or {}).get("method")
+            if written_by and written_by.split("-")[0] != args.method.split("-")[0]:
+                raise UserError(f"{args.ckpt} was written by {written_by}, not {args.method}: "
+                                "use the script that wrote it, or another --ckpt")
 
     @property
     def ckpt_path(self):
@@ -1620,6 +1651,11 @@ class Run:
             self._mark = (time.time(), 0)
             return 0, None, None
         ckpt = load_checkpoint(self.ckpt_path, self.device)
+        written_by = (ckpt.get("config") or {}).get("method", "an unknown method")
+        if written_by != self.args.method:
+            raise UserError(f"{self.ckpt_path} was written by {written_by}, not {self.args.method}: "
+                            "--resume needs a checkpoint of the same method (and stage); use "
+                            "another --out-dir")
         for name, obj in objects.items():
             if name not in ckpt["state"]:
                 raise UserError(f"checkpoint '{self.ckpt_path}' has no '{name}': it was written "

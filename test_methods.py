@@ -393,6 +393,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         run.save(2, net=net)
     monkeypatch.setattr(torch, "save", real_save)
     assert common.load_checkpoint(run.ckpt_path)["step"] == 1
+    assert os.listdir(os.path.dirname(run.ckpt_path)) == ["ckpt.pt"]  # no ckpt.pt.tmp<pid> left
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path):
@@ -406,6 +407,27 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         common.load_checkpoint(run.ckpt_path)
     with pytest.raises(common.UserError, match="no checkpoint"):
         common.load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_of_another_method_or_run_is_refused(tmp_path):
+    import asfm
+    import consistency_func
+    out = str(tmp_path / "r")
+    toy = ["--width", "16", "--device", "cpu", "--out-dir", out]
+    asfm.main(["--stage", "rf", "--steps", "2"] + toy)
+    with pytest.raises(common.UserError, match=r"already holds a checkpoint \(asfm-rf, step 2\): "
+                       r"pass --resume to continue it, --overwrite to start over"):
+        asfm.main(["--stage", "rf", "--steps", "3"] + toy)
+    asfm.main(["--stage", "rf", "--steps", "1", "--overwrite"] + toy)
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 1
+    with pytest.raises(common.UserError, match="written by asfm-rf, not asfm-reflow: --resume"):
+        asfm.main(["--stage", "reflow", "--steps", "3", "--resume", "--init", "none"] + toy)
+    with pytest.raises(common.UserError, match="written by asfm-rf, not cm: use the script"):
+        consistency_func.main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"),
+                               "--device", "cpu"])
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(common.UserError, match="holds a list, not one of our checkpoints"):
+        common.load_checkpoint(str(tmp_path / "list.pt"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
