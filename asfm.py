@@ -39,6 +39,7 @@ Commands:
 import argparse
 import copy
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -173,13 +174,14 @@ class ASFM:
         return loss, {"d": loss.detach(), "r1": r1.detach()}
 
 
-def generator(net, shape, nfe, device, autocast, source=None):
-    """generate(n) -> (z, x1') with the current weights: Euler `nfe` steps from z."""
+def generator(net, shape, nfe, device, precision=nullcontext, source=None):
+    """generate(n) -> (z, x1') with the current weights: Euler `nfe` steps from z, inside a
+    fresh precision() context (entering one autocast object twice would leave it on)."""
     def generate(n):
         z = torch.randn(n, *shape, device=device) if source is None else source(n)
         was_training = net.training
         net.eval()
-        with autocast:
+        with precision():
             x1, _ = RectifiedFlow.sample(net, z, nfe)
         net.train(was_training)
         return z, x1.float()
@@ -224,7 +226,7 @@ def reflow_pairs(args, run, teacher, data):
         zs, xs = [], []
         for i in range(0, args.reflow_pairs, args.batch_size):
             z = torch.randn(min(args.batch_size, args.reflow_pairs - i), *data.shape, device=run.device, generator=g)
-            with run.autocast:
+            with run.sampling():  # fp32 by default, as RF's reference code
                 xs.append(RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float())
             zs.append(z)
         pairs = {"z": torch.cat(zs), "x1": torch.cat(xs)}
@@ -262,14 +264,14 @@ def train(args, run, data, net):
         if args.reflow_mode == "offline":
             z_all, train_data = reflow_pairs(args, run, teacher, data)
         else:
-            teach = generator(teacher, data.shape, args.reflow_nfe, run.device, run.autocast)
+            teach = generator(teacher, data.shape, args.reflow_nfe, run.device, run.sampling)
     if args.stage == "asfm":
         asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
         torch.manual_seed(args.seed + 1)  # the same D on every rank, whatever ran before
         D = make_discriminator(data.shape, args.width).to(run.device)
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
         memory = TrainingMemory(args.mem_size, run.local_batch, data.shape, run.device)
-        generate = generator(net, data.shape, args.mem_nfe, run.device, run.autocast)
+        generate = generator(net, data.shape, args.mem_nfe, run.device, run.train_precision)
         state.update(D=D, opt_d=opt_d)
     start, _, local = run.resume(**state)
     if args.stage == "asfm":
@@ -324,7 +326,7 @@ def sampler(net, data, run):
     """sample_fn(n, nfe) -> (x1, NFE used) from noise, for common.write_samples/evaluate."""
     def sample_fn(n, nfe):
         z = torch.randn(n, *data.shape, device=run.device)
-        with run.autocast:
+        with run.sampling():  # --eval-amp: fp32 unless asked otherwise
             x, info = RectifiedFlow.sample(net, z, nfe)
         return x.float(), info["nfe"]
     return sample_fn
@@ -336,10 +338,11 @@ def evaluate(args, run, data, net):
     nfes = list(dict.fromkeys(args.nfe_list + ["rk45"]))
     results = common.evaluate(args, run, data, sampler(net, data, run), nfes)
     z = torch.randn(min(args.fid_n, 2000) if not data.is_image else 64, *data.shape, device=run.device)
-    with run.autocast:
+    with run.sampling():
         S = common.straightness(lambda x, t: net(x, t).float(), z)
-    run.print(f"straightness S = {S:.4g} (Euler 100, {len(z)} samples; 0 = perfectly straight)")
-    outs = [(nfe, RectifiedFlow.sample(net, z, nfe, return_traj=True)) for nfe in nfes]
+        outs = [(nfe, RectifiedFlow.sample(net, z, nfe, return_traj=True)) for nfe in nfes]
+    run.print(f"straightness S = {S:.4g} (Euler 100, {len(z)} samples, {run.eval_precision}; "
+              "0 = perfectly straight)")
     path = os.path.join(args.out_dir, "same_noise_by_nfe.png")
     if data.is_image:  # rows: NFE; columns: the same 8 noise samples
         common.save_image_grid(torch.cat([x[:8] for _, (x, _) in outs]), path, nrow=8)
@@ -380,7 +383,7 @@ def bench(args, run, data, net):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
     asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
     memory = TrainingMemory(2, run.local_batch, data.shape, run.device)
-    generate = generator(net, data.shape, args.mem_nfe, run.device, run.autocast)
+    generate = generator(net, data.shape, args.mem_nfe, run.device, run.train_precision)
     memory.refresh(generate)
     counter = [0]
 

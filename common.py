@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -103,6 +103,9 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--amp", default="auto", choices=("auto", "bf16", "fp32"),
       help="auto = bf16 autocast + TF32 on CUDA, fp32 on CPU")
+    a("--eval-amp", default="fp32", choices=("fp32", "bf16"),
+      help="precision of evaluation and sample export (FID samples, RK45, likelihood) and of "
+      "reflow pairs: fp32 (default; TF32 off) or bf16 autocast with TF32 (faster on GPUs)")
     a("--compile", action="store_true", help="torch.compile the training network")
     a("--channels-last", action="store_true", help="channels_last memory format (images)")
     a("--workers", type=int, default=2, help="DataLoader worker processes (image data)")
@@ -127,7 +130,7 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
 
 # Flags that say how to run now; everything else can come from a checkpoint's saved config.
 RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "overwrite", "device",
-             "amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
+             "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
              "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
              "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
              "sampler"}
@@ -1112,10 +1115,17 @@ def load_fid_inception(device, weights=None):
                                f"{FID_WEIGHTS_URL} into {where}/ (or pass --inception-weights "
                                f"PATH); the download failed ({why})") from e
     elif weights != "random":
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not os.path.isfile(weights):
+            raise UserError(f"--inception-weights {weights}: no such file; download "
+                            f"{FID_WEIGHTS_URL} and pass its path")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--inception-weights {weights}: cannot read it ({type(e).__name__}); "
+                            f"pass the file {FID_WEIGHTS_NAME}") from None
     model = FIDInception()
     if weights != "random":
-        model.load_state_dict(state)
+        load_state(model, state, "Inception network", weights)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -1506,12 +1516,18 @@ class Run:
         bf16 = args.amp == "bf16" or (args.amp == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else nullcontext())
+        self.eval_bf16 = getattr(args, "eval_amp", "fp32") == "bf16"
+        self.eval_precision = ("bf16" + ("+tf32" if self.device.type == "cuda" else "")
+                               if self.eval_bf16 else "fp32")  # printed with every number
         self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
         self.check_run_folder()
+        if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
+                and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
+            load_fid_inception("cpu", args.inception_weights)
         if self.master:
             os.makedirs(args.out_dir, exist_ok=True)
 
@@ -1594,6 +1610,24 @@ class Run:
             bad = bad > 0
         self._bad |= bad
         self.check_finite(step, "the weights (or the loss)")
+
+    def train_precision(self):
+        """A fresh training-precision context (bf16 autocast or none), for use inside helpers."""
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                if isinstance(self.autocast, torch.autocast) else nullcontext())
+
+    @contextmanager
+    def sampling(self):
+        """Precision for evaluation, sample export and reflow pairs (--eval-amp): fp32 with TF32
+        off (default), or bf16 autocast with TF32. Inside a training autocast block it switches
+        that off; a fresh context each time, so it nests safely."""
+        keep = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.eval_bf16
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.eval_bf16):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = keep
 
     @staticmethod
     def due(step, every):
@@ -1748,11 +1782,12 @@ def export_samples(path, samples, nfe):
 def own_rng(fn):
     """Run fn(args, run, ...) on its own copy of the RNG streams: sampling and evaluation during
     training then leave the training draws untouched (a resumed run, which skips them, draws
-    exactly what the uninterrupted run drew)."""
+    exactly what the uninterrupted run drew). It runs in the evaluation precision (--eval-amp)."""
     def wrapped(args, *rest, **kw):
         run = kw.get("run") or next(r for r in rest if isinstance(r, Run))
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            return fn(args, *rest, **kw)
+            with run.sampling():
+                return fn(args, *rest, **kw)
     return wrapped
 
 
@@ -1773,7 +1808,8 @@ def write_samples(args, data, sample_fn, run):
         if data.is_image:
             save_image_grid(x, os.path.join(args.samples_out, f"nfe{nfe}.png"))
         panels.append((f"NFE {used}", x))
-        run.print(f"wrote {len(x)} samples (NFE {used}) to {args.samples_out}/nfe{nfe}.npz")
+        run.print(f"wrote {len(x)} samples (NFE {used}, {run.eval_precision}) to "
+                  f"{args.samples_out}/nfe{nfe}.npz")
     if not data.is_image:
         save_scatter(panels, os.path.join(args.samples_out, "samples.png"), ref=data.fresh(2000))
 
@@ -1806,7 +1842,7 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
             m = digits.report(x)
         else:
             m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
-        m.update(nfe=used, n=len(x), weights=args.weights)
+        m.update(nfe=used, n=len(x), weights=args.weights, precision=run.eval_precision)
         results[nfe] = m
         run.print(f"eval nfe={nfe}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
                                                  f"{k}={v}" for k, v in m.items()))

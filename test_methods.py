@@ -459,6 +459,32 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     assert isinstance(common.Run(make_args(["--device", "cpu"])).autocast, type(common.nullcontext()))
 
 
+def test_evaluation_precision_fp32_tf32_off_and_nesting(tmp_path):
+    args, run = tiny_run(tmp_path, "--amp", "bf16")
+    net = common.MLP(2, 16, 1)
+    teach = asfm.generator(net, (2,), 2, "cpu", run.sampling)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with run.autocast:  # online reflow draws teacher pairs inside the training autocast
+        with run.sampling():
+            assert not torch.is_autocast_enabled("cpu") and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.is_autocast_enabled("cpu")
+        _, x1 = teach(4)
+        assert torch.is_autocast_enabled("cpu") and net(x1, torch.rand(4)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert x1.dtype == torch.float32 and run.eval_precision == "fp32"
+    assert common.Run(make_args(["--device", "cpu", "--eval-amp", "bf16"])).eval_precision == "bf16"
+
+
+def test_inception_weights_checked_at_start(tmp_path):
+    write_pngs(tmp_path / "img", 4)
+    img = ["--dataset", "folder", "--data-dir", str(tmp_path / "img"), "--preset", "tiny",
+           "--device", "cpu", "--out-dir", str(tmp_path / "r"), "--eval-every", "1000"]
+    for bad, msg in [(tmp_path / "missing.pth", "no such file"), (tmp_path / "img" / "000.png", "cannot read")]:
+        with pytest.raises(common.UserError, match=f"--inception-weights .*{msg}"):
+            common.Run(make_args(img + ["--inception-weights", str(bad)]))
+
+
 def test_sample_export_format(tmp_path):
     imgs = torch.rand(3, 3, 8, 8) * 2 - 1
     common.export_samples(str(tmp_path / "i.npz"), imgs, 4)
@@ -850,7 +876,7 @@ def test_training_memory_fifo_semantics():
 def test_memory_pairs_come_from_the_current_model():
     net = common.MLP(2, 16, 1)
     z = torch.randn(5, 2)
-    gen = asfm.generator(net, (2,), 3, "cpu", common.nullcontext(), source=lambda n: z)
+    gen = asfm.generator(net, (2,), 3, "cpu", common.nullcontext, source=lambda n: z)
     _, x1 = gen(5)
     assert torch.allclose(x1, asfm.RectifiedFlow.sample(net, z, 3)[0])
     with torch.no_grad():
@@ -947,6 +973,7 @@ def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
                      "--inception-weights", "random"])
     out = capsys.readouterr().out
     assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" in out
+    assert "precision=fp32" in out and "straightness S" in out
     assert os.path.isfile(tmp_path / "r" / "same_noise_by_nfe.png")
 
 
