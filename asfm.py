@@ -216,26 +216,45 @@ def init_from_rf(args, run, net):
 
 
 def reflow_pairs(args, run, teacher, data):
-    """Offline reflow: --reflow-pairs fixed pairs (z, x1') from the frozen teacher, saved in the
-    run folder (same seed on every rank, so all ranks hold the same pairs)."""
+    """Offline reflow: --reflow-pairs fixed pairs (z, x1') from the frozen teacher. Batch j (of
+    --batch-size pairs, noise seeded by (seed, j)) is made by rank j mod world and kept on the
+    CPU; rank 0 joins the ranks' shards into <out-dir>/reflow_pairs.pt, which every rank then
+    memory-maps (one copy in the machine's page cache, none on a GPU). 1 or 8 ranks: same pairs."""
     path = os.path.join(args.out_dir, "reflow_pairs.pt")
-    if os.path.isfile(path):
-        pairs = common.load_checkpoint(path, run.device)
-    else:
-        g = torch.Generator(device=run.device).manual_seed(args.seed)
+    if not os.path.isfile(path):
+        n, B = args.reflow_pairs, args.batch_size
+        mine = list(range(run.rank, -(-n // B), run.world))
         zs, xs = [], []
-        for i in range(0, args.reflow_pairs, args.batch_size):
-            z = torch.randn(min(args.batch_size, args.reflow_pairs - i), *data.shape, device=run.device, generator=g)
+        for j in mine:
+            g = torch.Generator(device=run.device).manual_seed(args.seed * 1_000_003 + j)
+            z = torch.randn(min(B, n - j * B), *data.shape, device=run.device, generator=g)
             with run.sampling():  # fp32 by default, as RF's reference code
-                xs.append(RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float())
-            zs.append(z)
-        pairs = {"z": torch.cat(zs), "x1": torch.cat(xs)}
-        if run.master:
-            common.save_atomic(pairs, path)
-        run.print(f"generated {len(pairs['z'])} reflow pairs with Euler {args.reflow_nfe}")
-    n = len(pairs["z"])
+                xs.append(RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float().cpu())
+            zs.append(z.cpu())
+        common.save_atomic({"batches": mine, "z": zs, "x1": xs}, f"{path}.rank{run.rank}")
+        if run.ddp:
+            torch.distributed.barrier()
+        if run.master:  # gather: shard r holds batches r, r + world, ...
+            z_all, x_all = torch.empty(n, *data.shape), torch.empty(n, *data.shape)
+            for r in range(run.world):
+                shard = torch.load(f"{path}.rank{r}", mmap=True, weights_only=True)
+                for j, z, x1 in zip(shard["batches"], shard["z"], shard["x1"]):
+                    z_all[j * B: j * B + len(z)], x_all[j * B: j * B + len(z)] = z, x1
+            common.save_atomic({"z": z_all, "x1": x_all}, path)
+            del z_all, x_all
+            for r in range(run.world):
+                os.remove(f"{path}.rank{r}")
+            run.print(f"generated {n} reflow pairs with Euler {args.reflow_nfe} on {run.world} "
+                      f"process(es), {run.eval_precision}")
+        if run.ddp:
+            torch.distributed.barrier()
+    try:
+        pairs = torch.load(path, mmap=True, weights_only=True)
+        n = len(pairs["z"])
+    except Exception:  # noqa: BLE001
+        raise common.UserError(f"cannot read {path}: delete it to generate the pairs again") from None
     return pairs["z"], common.Data("reflow-pairs", data.shape, 0, x=pairs["x1"],
-                                   y=torch.zeros(n, dtype=torch.long, device=run.device))
+                                   y=torch.zeros(n, dtype=torch.long))
 
 
 def step_discriminator(opt_d, loss_d, D, run):
@@ -291,7 +310,8 @@ def train(args, run, data, net):
             if args.stage == "rf":
                 loss, logs = rf.loss(model, x1)
             elif args.stage == "reflow":
-                z, x1 = (z_all[idx], x1) if args.reflow_mode == "offline" else teach(run.local_batch)
+                z, x1 = ((z_all[idx.cpu()].to(run.device, non_blocking=True), x1)
+                         if args.reflow_mode == "offline" else teach(run.local_batch))
                 loss, logs = rf.loss(model, x1, x0=z)
             else:
                 D.requires_grad_(False)

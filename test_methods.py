@@ -1011,23 +1011,44 @@ def _asfm_rank(rank, world, port, out, argv):
     make = asfm.make_discriminator
     asfm.make_discriminator = lambda *a, **k: built.append(make(*a, **k)) or built[-1]
     asfm.main(argv)
-    torch.save(built[-1].state_dict(), os.path.join(out, f"D{rank}.pt"))
+    if built:
+        torch.save(built[-1].state_dict(), os.path.join(out, f"D{rank}.pt"))
+
+
+def spawn_two_ranks(fn, tmp_path, *args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(fn, args=(2, port, str(tmp_path), *args), nprocs=2)
 
 
 def test_init_auto_hand_over_under_two_gloo_ranks(tmp_path):
     # fresh folder: --init auto trains the 1-RF first (per-rank seeds), rank 1 must not load its
     # checkpoint before rank 0 has written it, and D must start (and stay) identical on both ranks
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     argv = ["--stage", "asfm", "--init", "auto", "--rf-steps", "3", "--steps", "2",
             "--batch-size", "32", "--mem-size", "2", "--freq", "1", "--width", "16",
             "--device", "cpu", "--out-dir", str(tmp_path / "asfm-asfm-8gaussians-toy")]
-    torch.multiprocessing.spawn(_asfm_rank, args=(2, port, str(tmp_path), argv), nprocs=2)
+    spawn_two_ranks(_asfm_rank, tmp_path, argv)
     assert common.load_checkpoint(str(tmp_path / "asfm-rf-8gaussians-toy" / "ckpt.pt"))["step"] == 3
     assert common.load_checkpoint(str(tmp_path / "asfm-asfm-8gaussians-toy" / "ckpt.pt"))["step"] == 2
     d0, d1 = (torch.load(tmp_path / f"D{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(d0[k], d1[k]) for k in d0)
+
+
+def test_offline_reflow_pairs_split_over_two_ranks_match_one(tmp_path):
+    # 100 pairs in batches of 32: rank 0 makes batches 0 and 2, rank 1 batches 1 and 3 (4 pairs)
+    argv = ["--stage", "reflow", "--init", "none", "--steps", "1", "--reflow-pairs", "100",
+            "--reflow-nfe", "3", "--batch-size", "32", "--width", "16", "--device", "cpu"]
+    asfm.main(argv + ["--out-dir", str(tmp_path / "one")])
+    spawn_two_ranks(_asfm_rank, tmp_path, argv + ["--out-dir", str(tmp_path / "two")])
+    one, two = (torch.load(tmp_path / d / "reflow_pairs.pt", weights_only=True) for d in ("one", "two"))
+    assert one["z"].shape == (100, 2) and torch.equal(one["z"], two["z"])
+    assert torch.allclose(one["x1"], two["x1"], atol=1e-6) and not one["x1"].is_cuda
+    assert os.listdir(tmp_path / "two").count("reflow_pairs.pt.rank0") == 0  # shards removed
+    # the pairs are the teacher's Euler-3 solutions from their own noise
+    torch.manual_seed(0)  # --init none: the teacher is the net as built after seeding
+    teacher = common.build_net(make_args(["--width", "16"]), (2,))
+    assert torch.allclose(asfm.RectifiedFlow.sample(teacher, one["z"][:5], 3)[0], one["x1"][:5], atol=1e-6)
 
 
 def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
