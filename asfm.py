@@ -121,6 +121,11 @@ class TrainingMemory:
         return {"z": self.z, "x1": self.x1, "oldest": self.oldest, "filled": self.filled}
 
     def load_state_dict(self, sd):
+        if sd["z"].shape != self.z.shape:
+            raise common.UserError(
+                f"the checkpoint's training memory is {tuple(sd['z'].shape[:2])} (--mem-size, "
+                f"batch per rank), this run's is {tuple(self.z.shape[:2])}: resume with the "
+                "--mem-size, --batch-size and number of processes it was written with")
         self.z.copy_(sd["z"]), self.x1.copy_(sd["x1"])
         self.oldest, self.filled = sd["oldest"], sd["filled"]
 
@@ -380,7 +385,12 @@ def edit(args, run, data, net):
     the left half of one latent and the right half of the other, add a little noise, decode."""
     if not data.is_image:
         raise common.UserError("--mode edit needs an image dataset")
-    ia, ib = (int(i) for i in args.edit_index.split(","))
+    try:
+        ia, ib = (int(i) for i in args.edit_index.split(","))
+    except ValueError:
+        raise common.UserError(f"--edit-index {args.edit_index}: give two indices, e.g. 3,7") from None
+    if not (0 <= min(ia, ib) and max(ia, ib) < len(data)):
+        raise common.UserError(f"--edit-index {args.edit_index}: indices must be in 0..{len(data) - 1}")
     x = torch.stack([data.dataset[ia][0], data.dataset[ib][0]]).to(run.device)
     nfe = args.nfe_list[-1]
     z, _ = RectifiedFlow.sample(net, x, nfe, t0=1.0, t1=0.0)                 # data -> noise

@@ -217,10 +217,11 @@ def check_numbers(args):
             raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use a number {span}")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} is out of range: use a number > 0")
-    for flag in ("sample_res",):
-        for value in getattr(args, flag, None) or []:
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"--sample-res {value}: every size must be a positive integer")
+    if getattr(args, "arch", None) == "unet" and args.image_size:
+        levels = 2 ** (len(args.ch_mult) - 1)
+        if args.image_size % levels:
+            raise UserError(f"--image-size {args.image_size}: the U-Net halves it "
+                            f"{len(args.ch_mult) - 1} times, so use a multiple of {levels}")
     try:
         device = torch.device(args.device) if args.device else None
     except (RuntimeError, ValueError):
@@ -253,8 +254,9 @@ def run_cli(main, argv=None):
     """Call main(argv); a UserError becomes one line on stderr and exit code 2."""
     try:
         return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # raised in a DataLoader worker, it carries the worker's traceback
+        text = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -816,9 +818,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), -1
+        return self.transform(_rgb(self.files[i])), -1
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -828,7 +828,8 @@ def _image_folder(root, transform):
     """Images under `root`; labels from sub-folders when every image sits in one."""
     import torchvision
     if not os.path.isdir(root):
-        raise UserError(f"image folder '{root}' does not exist: pass --data-dir with your images")
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise UserError(f"image folder '{root}' {what}: pass --data-dir with your images")
     subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir())
     top = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTS))
     if subdirs and not top:
@@ -848,8 +849,29 @@ def _image_folder(root, transform):
 
 def _rgb(path):
     from PIL import Image
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # corrupt, truncated, not an image
+        raise UserError(f"cannot read image '{path}' ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:80]}): remove or replace the file") from None
+
+
+def _points_npy(path):
+    """The [N, 2] finite numbers of a .npy file for --dataset points, or a one-line error."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path} as a .npy array ({str(e).splitlines()[0][:80]}): "
+                        "save it with numpy.save(path, points)") from None
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"{path} holds {x.dtype} values, not numbers: save float [N, 2] points")
+    if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2:
+        raise UserError(f"{path} has shape {x.shape}; --dataset points needs [N, 2] with N >= 2")
+    if not np.isfinite(x).all():
+        raise UserError(f"{path} has {int((~np.isfinite(x)).sum())} NaN/inf values: "
+                        "remove those points")
+    return x
 
 
 def load_data(args, name=None, data_dir=None, train=True):
@@ -863,11 +885,7 @@ def load_data(args, name=None, data_dir=None, train=True):
     if name == "points":
         if not (os.path.isfile(root) and root.endswith(".npy")):
             raise UserError(f"--dataset points needs --data-dir FILE.npy (got '{root}')")
-        x = np.load(root, allow_pickle=False)
-        if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2 or not np.isfinite(x).all():
-            raise UserError(f"{root} has shape {x.shape}; --dataset points needs finite "
-                            "values of shape [N, 2] with N >= 2")
-        x = torch.from_numpy(x).float()
+        x = torch.from_numpy(_points_npy(root)).float()
         return Data("points", (2,), 0, x=x, y=torch.zeros(len(x), dtype=torch.long))
     size = args.image_size
     if name == "digits":
@@ -1529,7 +1547,13 @@ class Run:
                 and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
             load_fid_inception("cpu", args.inception_weights)
         if self.master:
-            os.makedirs(args.out_dir, exist_ok=True)
+            try:
+                os.makedirs(args.out_dir, exist_ok=True)
+                with open(os.path.join(args.out_dir, "log.txt"), "a"):
+                    pass
+            except OSError as e:
+                raise UserError(f"--out-dir {args.out_dir}: cannot write there ({e.strerror}); "
+                                "pass a folder you can write to") from None
 
     def check_run_folder(self):
         """Training never silently overwrites another run's ckpt.pt (--resume continues it,

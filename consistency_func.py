@@ -319,6 +319,8 @@ def main(argv=None):
         args.sample_res = [int(s) for s in (args.sample_res or str(R)).split(",")] if R else []
     except ValueError:
         raise common.UserError(f"--sample-res '{args.sample_res}': use sizes like 32,64,128") from None
+    if min(args.sample_res, default=1) < 1:
+        raise common.UserError(f"--sample-res {args.sample_res}: sizes must be positive, e.g. 32,64")
     if args.is_image and args.arch != "func" and args.mode == "sample" and set(args.sample_res) != {R}:
         raise common.UserError(f"--arch {args.arch} samples only at its training size {R}; "
                                "rendering other sizes needs --arch func")

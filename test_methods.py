@@ -504,6 +504,80 @@ def test_cli_prints_one_line_error(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: something is wrong: do this\n"
 
 
+SCRIPTS = ("asfm", "integration_flow", "consistency_func", "scoreflow")
+FLAG_CASES = [(["--n", "0"], "--n 0 is out of range: use a number >= 1"),
+              (["--fid-n", "0"], "--fid-n 0 is out of range"),
+              (["--lr", "nan"], "--lr nan is out of range"),
+              (["--ema-decay", "1.5"], r"--ema-decay 1.5 is out of range: use a number in \[0, 1\)"),
+              (["--dropout", "-1"], "--dropout -1.0 is out of range"),
+              (["--device", "meta"], "--device meta: only cpu and cuda"),
+              (["--device", "gpu7"], "--device gpu7: not a device"),
+              (["--out-dir", "{tmp}/file.txt/run"], "--out-dir .*: cannot write there"),
+              (["--dataset", "points", "--data-dir", "{tmp}/words.npy"], "holds <U.* not numbers"),
+              (["--dataset", "points", "--data-dir", "{tmp}/nan.npy"], "has 1 NaN/inf values"),
+              (["--dataset", "points", "--data-dir", "{tmp}/bad.npy"], "cannot read .* as a .npy"),
+              (["--dataset", "folder", "--data-dir", "{tmp}/file.txt"], "is a file, not a folder"),
+              (["--dataset", "folder", "--data-dir", "{tmp}/img", "--image-size", "15"],
+               "15: the U-Net halves it 1 times, so use a multiple of 2|size 15 is not divisible by patch size 2"),
+              (["--dataset", "folder", "--data-dir", "{tmp}/img", "--eval-every", "5",
+                "--inception-weights", "{tmp}/nope.pth"], "--inception-weights .*: no such file"),
+              (["--mode", "sample", "--ckpt", "{tmp}/list.pt"], "holds a list, not one of our"),
+              (["--dataset", "folder", "--data-dir", "{tmp}/broken", "--workers", "1"],
+               "cannot read image .*truncated.*remove or replace the file")]
+SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir", "{tmp}/img",
+                          "--ckpt", "{tmp}/img_run/ckpt.pt", "--edit-index", "0,99"],
+                 r"--edit-index 0,99: indices must be in 0..3"),
+                ("asfm", ["--stage", "asfm", "--init", "none", "--steps", "3", "--mem-size", "3",
+                          "--resume", "--out-dir", "{tmp}/asfm_run"],
+                 r"training memory is \(2, 32\).*this run's is \(3, 32\): resume with the --mem-size"),
+                ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode",
+                                      "sample", "--sample-res", "0"], "--sample-res \\[0\\]: sizes must be positive"),
+                ("toy2d", ["--data", "{tmp}/words.npy"], "holds <U.* not numbers"),
+                ("toy2d", ["--setups", "c"], "--setups c: use a, b"),
+                ("toy2d", ["--out", "{tmp}/file.txt/x"], "--out .*: cannot write there")]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    import asfm
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "file.txt").write_text("not a folder")
+    np.save(tmp / "words.npy", np.array([["a", "b"], ["c", "d"]]))
+    np.save(tmp / "nan.npy", np.array([[0.0, 1.0], [np.nan, 2.0], [3.0, 4.0]]))
+    (tmp / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    torch.save([1, 2], tmp / "list.pt")
+    write_pngs(tmp / "img", 4)
+    write_pngs(tmp / "broken", 4)
+    png = (tmp / "broken" / "001.png").read_bytes()
+    (tmp / "broken" / "001.png").write_bytes(png[: len(png) // 2])  # truncated
+    small = ["--width", "16", "--device", "cpu", "--batch-size", "32"]
+    asfm.main(["--stage", "asfm", "--init", "none", "--steps", "2", "--mem-size", "2",
+               "--out-dir", str(tmp / "asfm_run")] + small)
+    asfm.main(["--stage", "rf", "--dataset", "folder", "--data-dir", str(tmp / "img"), "--steps", "1",
+               "--batch-size", "4", "--workers", "0", "--width", "16", "--device", "cpu",
+               "--out-dir", str(tmp / "img_run")])
+    return tmp
+
+
+@pytest.mark.parametrize("script, argv, msg", [(s, a, m) for s in SCRIPTS for a, m in FLAG_CASES]
+                         + SCRIPT_CASES)
+def test_bad_inputs_stop_with_one_line(bad_inputs, script, argv, msg, capsys, tmp_path):
+    import importlib
+    argv = [a.replace("{tmp}", str(bad_inputs)) for a in argv]
+    if script != "toy2d":
+        argv = ["--device", "cpu", "--width", "16", "--batch-size", "32", "--steps", "2",
+                "--out-dir", str(tmp_path / "run"), "--preset", "tiny"
+                if "folder" in argv else "toy"] + argv
+        argv += ["--batch-size", "4"] if "folder" in argv else []
+    else:
+        argv = ["--steps", "10", "--out", str(bad_inputs / "toy2d")] + argv
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(importlib.import_module(script).main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert __import__("re").search(msg, err), err
+
+
 def _ddp_worker(rank, world, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

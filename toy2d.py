@@ -265,6 +265,13 @@ def main(argv=None):
             raise common.UserError(f"unknown method '{m}': choose from {', '.join(METHODS)}")
     if args.steps < 10:
         raise common.UserError("--steps must be at least 10")
+    if not args.setups or set(args.setups.split(",")) - {"a", "b"}:
+        raise common.UserError(f"--setups {args.setups}: use a, b or a,b")
+    try:  # fail now, not after the training
+        os.makedirs(args.out, exist_ok=True)
+        open(os.path.join(args.out, "toy2d.md"), "a").close()
+    except OSError as e:
+        raise common.UserError(f"--out {args.out}: cannot write there ({e.strerror})") from None
     torch.set_num_threads(min(2, torch.get_num_threads()))
     g = torch.Generator().manual_seed(0)
     setups = []
