@@ -30,7 +30,7 @@ Commands:
     python asfm.py                                   # CPU toy (8gaussians): 1-RF, then ASFM
     python asfm.py --stage reflow                    # CPU toy 2-RF from the same 1-RF
     python asfm.py --mode eval --stage asfm          # distance, straightness per NFE + figure
-    python asfm.py --dataset cifar10 --stage rf      # 1-RF, DDPM++ U-Net (paper recipe)
+    python asfm.py --dataset cifar10 --stage rf      # 1-RF, RF's optimizer recipe, 38.3M U-Net
     python asfm.py --dataset cifar10 --stage asfm    # ASFM from that 1-RF checkpoint
     python asfm.py --dataset cifar10 --stage asfm --init none          # random-init ablation
     torchrun --nproc_per_node 8 asfm.py --dataset cifar10 --stage asfm
@@ -447,7 +447,8 @@ def bench(args, run, data, net):
 #################################################################################
 
 # Per preset: steps of the reflow/ASFM stage, steps of the 1-RF stage (rf_steps), memory.
-# [reconstructed] ASFM steps, freq, lr and r1; 1-RF follows the RF recipe (DDPM++, Adam 2e-4).
+# [reconstructed] ASFM steps, freq, lr and r1; 1-RF follows RF's optimizer recipe (Adam 2e-4) on
+# our DDPM-style U-Net (38.3M), not RF's DDPM++ (~62M).
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
                 reflow_pairs=20_000, ema_decay=0.995),

@@ -4,7 +4,7 @@ consistency_func.py, scoreflow.py) and toy2d.py. Nothing method-specific lives h
 
 Sections, in order:
   1. CLI: the one flag set every script shares, presets, errors for bad input
-  2. Networks: UNet (DDPM++-style), DiT (adaLN-Zero), MLP for 2-D, INR generator
+  2. Networks: UNet (DDPM-style; not DDPM++), DiT (adaLN-Zero), MLP for 2-D, INR generator
   3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t), straightness
   4. Data: cifar10, celeba, image folders, 2-D toys, a user's points; resumable batches
   5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances
@@ -62,12 +62,14 @@ PRESETS = {
                  heads=4, patch=2, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.999,
                  warmup=100, log_every=100, sample_every=1000, ckpt_every=500, fid_n=1000,
                  dropout=0.0, hflip=True),
-    # CIFAR-10, the DDPM/RF recipe: 35.7M-parameter U-Net, Adam 2e-4, batch 128, EMA 0.9999.
+    # CIFAR-10: a DDPM-style U-Net of 38.3M parameters (DDPM's 35.7M net plus scale/shift time
+    # modulation; not RF's 62M DDPM++/NCSN++) with RF's optimizer recipe: Adam 2e-4, batch 128,
+    # EMA 0.9999.
     "cifar10": dict(arch="unet", image_size=32, width=128, depth=2, ch_mult=(1, 2, 2, 2),
                     attn_res=(16,), heads=6, patch=2, steps=800_000, batch_size=128, lr=2e-4,
                     ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
                     ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
-    # CelebA 64x64 (178 -> 140 centre crop), same network with one more resolution.
+    # CelebA 64x64 (178 -> 140 centre crop), same network with one more resolution (82.8M).
     "celeba64": dict(arch="unet", image_size=64, width=128, depth=2, ch_mult=(1, 2, 2, 2, 4),
                      attn_res=(16,), heads=6, patch=4, steps=500_000, batch_size=128, lr=2e-4,
                      ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
@@ -336,8 +338,9 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM++-style U-Net. ch=128, ch_mult=(1,2,2,2), 2 blocks, attention at 16: 38.3M params
-    (the DDPM CIFAR-10 net, 35.7M, plus scale/shift time modulation); ch=24, ch_mult=(1,2),
+    """DDPM-style U-Net (not DDPM++: no BigGAN-style resampling). ch=128, ch_mult=(1,2,2,2),
+    2 blocks, attention at 16: 38.3M params (the DDPM CIFAR-10 net, 35.7M, plus scale/shift
+    time modulation; RF's DDPM++ has about 62M); ch=24, ch_mult=(1,2),
     1 block, attention at 8: a 0.43M-parameter CPU model."""
 
     def __init__(self, in_ch=3, out_ch=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,

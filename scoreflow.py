@@ -33,7 +33,7 @@ Equations implemented (mean over elements, t ~ U[eps, 1]):
 
 [reconstructed] choices (all flags): eps = 1e-3; beta = 1 and lambda = 1/t (the paper's, in
 our time); p_uncond 0.1; the difference ODE's start point and direction; the image recipe
-(the DDPM++/RF one from common.PRESETS: Adam 2e-4, batch 128, EMA 0.9999); the domain flow
+(RF's optimizer settings from common.PRESETS: Adam 2e-4, batch 128, EMA 0.9999); the domain flow
 pairs A and B at random (independent batches). Not implemented: the paper's general drift
 coefficient (it fixes it, which gives RF regression), reflow, and FID for 2-D (2-D reports
 sliced W2 / energy distance instead).
