@@ -279,6 +279,7 @@ def step_discriminator(opt_d, loss_d, D, run):
 def train(args, run, data, net):
     rf = RectifiedFlow()
     if args.stage != "rf":
+        run.check_run_folder()  # before --init auto trains a 1-RF for hours
         init_from_rf(args, run, net)
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

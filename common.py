@@ -131,8 +131,8 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
 
 
 # Flags that say how to run now; everything else can come from a checkpoint's saved config.
-RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "overwrite", "device",
-             "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
+RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
+             "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
              "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
              "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
              "sampler"}
@@ -1545,7 +1545,8 @@ class Run:
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
-        self.check_run_folder()
+        if args.mode not in ("train", "bench"):
+            self.check_method(args.ckpt)
         if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
                 and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
             load_fid_inception("cpu", args.inception_weights)
@@ -1559,23 +1560,22 @@ class Run:
                                 "pass a folder you can write to") from None
 
     def check_run_folder(self):
-        """Training never silently overwrites another run's ckpt.pt (--resume continues it,
-        --overwrite starts over); sample/eval refuse a checkpoint another script wrote."""
+        """Training never silently overwrites another run's ckpt.pt: --resume continues it,
+        --overwrite starts over (called by resume(), and early by stages that train first)."""
         args = self.args
-        if args.mode == "train" and os.path.isfile(self.ckpt_path):
+        if os.path.isfile(self.ckpt_path) and not (args.resume or getattr(args, "overwrite", False)):
             ckpt = load_checkpoint(self.ckpt_path)
-            config = ckpt.get("config") if isinstance(ckpt, dict) else None
-            written_by = (config or {}).get("method", "an unknown method")
-            if not (args.resume or getattr(args, "overwrite", False)):
-                raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
-                                f"{ckpt.get('step', '?')}): pass --resume to continue it, "
-                                "--overwrite to start over, or another --out-dir")
-        elif args.mode not in ("train", "bench") and os.path.isfile(args.ckpt):
-            ckpt = load_checkpoint(args.ckpt)
-            config = ckpt.get("config") if isinstance(ckpt, dict) else None
-            written_by = (config or {}).get("method")
-            if written_by and written_by.split("-")[0] != args.method.split("-")[0]:
-                raise UserError(f"{args.ckpt} was written by {written_by}, not {args.method}: "
+            written_by = (ckpt.get("config") or {}).get("method", "an unknown method")
+            raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
+                            f"{ckpt.get('step', '?')}): pass --resume to continue it, "
+                            "--overwrite to start over, or another --out-dir")
+
+    def check_method(self, path):
+        """sample/eval refuse a checkpoint that another script wrote."""
+        if os.path.isfile(path):
+            written_by = (load_checkpoint(path).get("config") or {}).get("method")
+            if written_by and written_by.split("-")[0] != self.args.method.split("-")[0]:
+                raise UserError(f"{path} was written by {written_by}, not {self.args.method}: "
                                 "use the script that wrote it, or another --ckpt")
 
     @property
@@ -1705,6 +1705,7 @@ class Run:
     def resume(self, **objects):
         """With --resume and a checkpoint in --out-dir: load every object's state and return
         (step, checkpoint dict, local state or None); otherwise (0, None, None)."""
+        self.check_run_folder()
         if not (self.args.resume and os.path.isfile(self.ckpt_path)):
             if self.args.resume:
                 self.print(f"no checkpoint at {self.ckpt_path}: starting from step 0")

@@ -1136,7 +1136,8 @@ def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
     with pytest.raises(common.UserError, match="--mode edit needs an image"):
         asfm.main(["--stage", "rf", "--mode", "edit", "--width", "32", "--device", "cpu", "--out-dir", out])
     with pytest.raises(common.UserError, match="no checkpoint"):
-        asfm.main(["--stage", "asfm", "--init", str(tmp_path / "missing.pt"), "--out-dir", out, "--steps", "1"])
+        asfm.main(["--stage", "asfm", "--init", str(tmp_path / "missing.pt"), "--out-dir", out + "2",
+                   "--steps", "1"])
 
 
 #################################################################################
@@ -1704,7 +1705,7 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
         assert info["nfe"] == 1
         return common.toy_metrics(x, ref)["sw2"]
     before = sw2()
-    cf.main(common_args + ["--steps", "600"])
+    cf.main(common_args + ["--steps", "600", "--overwrite"])
     after = sw2()
     assert after < 0.65 * before, (before, after)  # 2.14 -> 0.95 here
 
