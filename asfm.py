@@ -487,6 +487,7 @@ def main(argv=None):
     presets = {k: dict(v, steps=v["rf_steps"], ema_decay=common.PRESETS[k]["ema_decay"])
                if args.stage == "rf" else v for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method=f"asfm-{args.stage}")
+    common.check_steps(args)
     if min(args.mem_size, args.mem_nfe, args.freq) <= 0:
         raise common.UserError("--mem-size, --mem-nfe and --freq must be positive")
     run = common.Run(args)

@@ -232,6 +232,12 @@ def check_numbers(args):
         raise UserError(f"--device {args.device}: only cpu and cuda are supported")
 
 
+def check_steps(args):
+    """For scripts where --steps 0 would train nothing and write nothing."""
+    if args.mode == "train" and args.steps == 0:
+        raise UserError("--steps 0 trains nothing and writes no checkpoint: use --steps N >= 1")
+
+
 def parse_nfe(text):
     """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be a positive integer."""
     out = []

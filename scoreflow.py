@@ -453,6 +453,7 @@ def parse(argv):
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
     args = common.finish_args(common.parse_args(parser, argv), presets=PRESETS, method="scoreflow",
                               default_nfe="1,2,4,8,rk45")
+    common.check_steps(args)
     if args.beta < 0 or not 0 <= args.p_uncond < 1:
         raise common.UserError("--beta must be >= 0 and --p-uncond in [0, 1)")
     args.source_dir = args.source_dir or args.data_dir

@@ -533,6 +533,9 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
                 ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode",
                                       "sample", "--sample-res", "0"], "--sample-res \\[0\\]: sizes must be positive"),
                 ("toy2d", ["--data", "{tmp}/words.npy"], "holds <U.* not numbers"),
+                ("asfm", ["--steps", "0"], "--steps 0 trains nothing"),
+                ("integration_flow", ["--steps", "0"], "--steps 0 trains nothing"),
+                ("scoreflow", ["--steps", "0"], "--steps 0 trains nothing"),
                 ("toy2d", ["--setups", "c"], "--setups c: use a, b"),
                 ("toy2d", ["--out", "{tmp}/file.txt/x"], "--out .*: cannot write there")]
 
