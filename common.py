@@ -4,7 +4,7 @@ consistency_func.py, scoreflow.py) and toy2d.py. Nothing method-specific lives h
 
 Sections, in order:
   1. CLI: the one flag set every script shares, presets, errors for bad input
-  2. Networks: UNet (DDPM-style; not DDPM++), DiT (adaLN-Zero), MLP for 2-D, INR generator
+  2. Networks: UNet (DDPM-style), DDPMpp (RF's DDPM++), DiT (adaLN-Zero), MLP for 2-D, INR generator
   3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t), straightness
   4. Data: cifar10, celeba, image folders, 2-D toys, a user's points; resumable batches
   5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances
@@ -47,7 +47,7 @@ class UserError(ValueError):
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
                 "tri-src", "tri-tgt", "points")
 IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits")
-ARCHS = ("mlp", "unet", "dit", "func")
+ARCHS = ("mlp", "unet", "ddpmpp", "dit", "func")
 
 # Network sizes and training recipes. A method file copies these and overrides what its
 # paper's recipe changes (learning rate, batch, steps, EMA). Flags set on the command
@@ -78,6 +78,8 @@ PRESETS = {
 # DiT-S-like widths when --arch dit is used with an image preset (depth 12, 384 wide).
 DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12),
             "celeba64": dict(width=384, depth=12)}
+# --arch ddpmpp with the cifar10 preset: RF's DDPM++ (4 res-blocks per level, dropout 0.15).
+DDPMPP_SIZE = {"cifar10": dict(depth=4, dropout=0.15)}
 
 
 def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
@@ -175,6 +177,7 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
     preset = dict(presets[args.preset])
     if args.arch == "dit" and args.preset in DIT_SIZE:
         preset.update(DIT_SIZE[args.preset])
+    preset.update(DDPMPP_SIZE.get(args.preset, {}) if args.arch == "ddpmpp" else {})
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -219,7 +222,7 @@ def check_numbers(args):
             raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use a number {span}")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} is out of range: use a number > 0")
-    if getattr(args, "arch", None) == "unet" and args.image_size:
+    if getattr(args, "arch", None) in ("unet", "ddpmpp") and args.image_size:
         levels = 2 ** (len(args.ch_mult) - 1)
         if args.image_size % levels:
             raise UserError(f"--image-size {args.image_size}: the U-Net halves it "
@@ -402,6 +405,108 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def _gn(c):
+    return nn.GroupNorm(min(c // 4, 32), c, eps=1e-6)  # NCSN++'s GroupNorm
+
+
+class BigGANBlock(nn.Module):
+    """NCSN++ ResnetBlockBigGAN (fir=False, skip_rescale=True): GN-SiLU-[resample]-conv, + Dense(temb),
+    GN-SiLU-dropout-conv (zero init), skip (1x1 conv when shape changes), output /sqrt(2)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, up=False, down=False):
+        super().__init__()
+        self.up, self.down = up, down
+        self.norm1, self.conv1 = _gn(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2, self.drop = _gn(cout), nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if (cin != cout or up or down) else nn.Identity()
+
+    def resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.avg_pool2d(x, 2) if self.down else x
+
+    def forward(self, x, emb):
+        h = self.resample(F.silu(self.norm1(x)))
+        h = self.conv1(h) + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return (self.skip(self.resample(x)) + h) / math.sqrt(2)
+
+
+class AttnPP(nn.Module):
+    """NCSN++'s AttnBlockpp: single-head attention, GroupNorm(min(C/4, 32)), output /sqrt(2)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = _gn(c), nn.Conv2d(c, 3 * c, 1), zero_(nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return (x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
+
+
+class DDPMpp(nn.Module):
+    """DDPM++ as in NCSN++'s code with RF's CIFAR-10 config (Song et al. 2021; Liu et al. 2023):
+    BigGAN-style residual resampling blocks (avg-pool down, nearest up, fir=False), additive
+    time embedding, skip_rescale, GroupNorm(min(C/4, 32)), attention after every block at 16x16
+    on the way down and once per level on the way up. ch=128, ch_mult=(1,2,2,2), 4 blocks,
+    dropout 0.15: 61.8M parameters (the RF/score-SDE DDPM++ CIFAR-10 network, ~62M)."""
+
+    def __init__(self, in_ch=3, out_ch=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
+                 attn_res=(16,), dropout=0.15, image_size=32, num_classes=0, extra_ch=0):
+        super().__init__()
+        out_ch, emb = out_ch or in_ch, 4 * ch
+        self.cond = Conditioning(ch, emb, num_classes)
+        self.conv_in = nn.Conv2d(in_ch + extra_ch, ch, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([BigGANBlock(c, ch * mult, emb, dropout)]
+                                               + ([AttnPP(ch * mult)] if res in attn_res else [])))
+                c = ch * mult
+                skips.append(c)
+            if level < len(ch_mult) - 1:
+                self.down.append(nn.ModuleList([BigGANBlock(c, c, emb, dropout, down=True)]))
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([BigGANBlock(c, c, emb, dropout), AttnPP(c),
+                                  BigGANBlock(c, c, emb, dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(BigGANBlock(c + skips.pop(), ch * mult, emb, dropout))
+                c = ch * mult
+            self.up.append(nn.ModuleList(blocks + ([AttnPP(c)] if res in attn_res else [])))
+            if level > 0:
+                self.up.append(nn.ModuleList([BigGANBlock(c, c, emb, dropout, up=True)]))
+                res *= 2
+        self.out = nn.Sequential(_gn(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, padding=1)))
+
+    def forward(self, x, t, y=None, extra=None):
+        emb = self.cond(t, y)
+        h = self.conv_in(x if extra is None else torch.cat([x, extra], dim=1))
+        hs = [h]
+        for layer in self.down:
+            h = layer[0](h, emb)
+            for attn in layer[1:]:
+                h = attn(h)
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for layer in self.up:
+            for m in layer:
+                if isinstance(m, AttnPP):
+                    h = m(h)
+                elif m.up:
+                    h = m(h, emb)
+                else:
+                    h = m(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
 def sincos_pos_embed_2d(dim, grid):
     """Fixed 2-D sin-cos position embedding for a grid x grid patch layout -> (grid*grid, dim)."""
     coords = torch.arange(grid, dtype=torch.float64)
@@ -499,6 +604,9 @@ def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None):
         attn = tuple(r for r in args.attn_res)
         return UNet(C, out_ch, args.width, tuple(args.ch_mult), args.depth, attn, args.dropout,
                     H, num_classes, extra_ch)
+    if args.arch == "ddpmpp":
+        return DDPMpp(C, out_ch, args.width, tuple(args.ch_mult), args.depth, tuple(args.attn_res),
+                      args.dropout, H, num_classes, extra_ch)
     if args.arch == "dit":
         return DiT(C, out_ch, H, args.patch, args.width, args.depth, args.heads, args.dropout,
                    num_classes, extra_ch)

@@ -54,7 +54,7 @@ def write_pngs(folder, n, size=20, seed=0):
 #                              common.py: networks                              #
 #################################################################################
 
-@pytest.mark.parametrize("arch", ["unet", "dit"])
+@pytest.mark.parametrize("arch", ["unet", "ddpmpp", "dit"])
 def test_image_nets_shapes_zero_init_and_conditioning(arch):
     args = make_args(["--dataset", "folder", "--preset", "tiny", "--arch", arch])
     net = common.build_net(args, (3, 16, 16), num_classes=10, extra_ch=3)
@@ -82,6 +82,12 @@ def test_parameter_counts():
     assert common.count_params(common.build_net(tiny, (3, 16, 16))) < 0.5e6
     dit = make_args(["--dataset", "cifar10", "--arch", "dit"])
     assert 30e6 < common.count_params(common.build_net(dit, (3, 32, 32))) < 35e6  # DiT-S/2
+    # RF's DDPM++ (NCSN++ code, RF's CIFAR-10 config): 4 blocks per level, dropout 0.15, ~62M
+    ddpmpp = make_args(["--dataset", "cifar10", "--arch", "ddpmpp"])
+    assert (ddpmpp.width, ddpmpp.depth, ddpmpp.dropout) == (128, 4, 0.15)
+    net = common.build_net(ddpmpp, (3, 32, 32))
+    assert common.count_params(net) == 61_804_419
+    assert sum(isinstance(m, common.BigGANBlock) and (m.up or m.down) for m in net.modules()) == 6
 
 
 def test_mlp_with_labels_and_extra_input():
@@ -393,7 +399,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         run.save(2, net=net)
     monkeypatch.setattr(torch, "save", real_save)
     assert common.load_checkpoint(run.ckpt_path)["step"] == 1
-    assert os.listdir(os.path.dirname(run.ckpt_path)) == ["ckpt.pt"]  # no ckpt.pt.tmp<pid> left
+    assert not [f for f in os.listdir(os.path.dirname(run.ckpt_path)) if ".tmp" in f]  # no leftovers
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path):

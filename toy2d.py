@@ -115,7 +115,7 @@ def train_method(method, setup, steps, cache):
         D = asfm.make_discriminator((2,))
         opt_d = torch.optim.Adam(D.parameters(), lr=LR, betas=(0.0, 0.99))
         memory = asfm.TrainingMemory(20, BATCH, (2,), "cpu")
-        generate = asfm.generator(net, (2,), 20, "cpu", common.nullcontext(), source=setup.x0)
+        generate = asfm.generator(net, (2,), 20, "cpu", common.nullcontext, source=setup.x0)
         for _ in range(20):
             memory.refresh(generate)
         state = {}
