@@ -134,7 +134,8 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
 
 # Flags that say how to run now; everything else can come from a checkpoint's saved config.
 RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
-             "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir", "weights", "seed",
+             "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir",
+             "weights", "seed",
              "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
              "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
              "sampler"}

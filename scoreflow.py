@@ -299,15 +299,17 @@ def likelihood(args, run, data, net, method):
     x, y = x.to(run.device), (y.to(run.device) if method.num_classes else None)
     x = dequantize(x) if data.is_image else x
     nfe = args.nfe_list[-1]
-    log_p, evals = method.log_likelihood(method.field(net, y, 1.0), x, nfe, args.div,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    with run.sampling():  # --eval-amp: fp32 with TF32 off by default
+        log_p, evals = method.log_likelihood(method.field(net, y, 1.0), x, nfe, args.div,
+                                             generator=torch.Generator().manual_seed(args.seed))
     what = "log p(x|y)" if y is not None else "log p(x)"
     if data.is_image:
         run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} images, "
-                  f"{args.div}): {bits_per_dim(log_p, x[0].numel()).mean().item():.4f} bits/dim")
+                  f"{args.div}, {run.eval_precision}): "
+                  f"{bits_per_dim(log_p, x[0].numel()).mean().item():.4f} bits/dim")
     else:
         run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} points, "
-                  f"{args.div}): NLL {-log_p.mean().item():.4f} nats")
+                  f"{args.div}, {run.eval_precision}): NLL {-log_p.mean().item():.4f} nats")
 
 
 def load_model(args, run, path, shape):
@@ -465,7 +467,8 @@ def main(argv=None):
     run = common.Run(args)
     data = common.load_data(args)
     if args.mode == "translate":
-        out = translate_cli(args, run, data)
+        with run.sampling():
+            out = translate_cli(args, run, data)
         run.close()
         return out
     if args.mode in ("sample", "eval"):  # the checkpoint says which classes and source it used
@@ -506,7 +509,8 @@ def main(argv=None):
             result = common.evaluate(args, run, data, fn)
             if cond and (not data.is_image or args.dataset == "digits"):
                 class_fidelity(args, run, data, fn, method)
-            reversibility(args, run, data, source, net, method)
+            with run.sampling():
+                reversibility(args, run, data, source, net, method)
             if args.bpd:
                 likelihood(args, run, data, net, method)
     run.close()

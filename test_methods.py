@@ -1887,6 +1887,7 @@ def test_eval_reconstruction_and_bpd(cond_toy):
            for s in sf_log_lines(cond_toy, "reconstruction")}
     assert rec["rk45"] < 1e-2 and rec["rk45"] < rec["2"] / 50
     nll = float(re.search(r"NLL (\S+) nats", sf_log_lines(cond_toy, "likelihood")[-1]).group(1))
+    assert ", fp32): NLL" in sf_log_lines(cond_toy, "likelihood")[-1]  # precision with the number
     # log p(x | y): one Gaussian of std 0.3 in 2-D has entropy 1 + ln(2 pi 0.09) = 0.430 nats
     assert abs(nll - (1 + math.log(2 * math.pi * 0.09))) < 0.3
     assert sf_log_lines(cond_toy, "eval nfe=2: per-class sw2=") and sf_log_lines(cond_toy, "straightness S =")
