@@ -1745,12 +1745,12 @@ class Run:
                 for v in (obj.values() if isinstance(obj, dict) else obj):
                     walk(v)
         walk(states)
-        bad = torch.stack(flags).any()
-        if self.ddp:
+        bad = torch.stack(flags).any() | self._bad  # this rank's loss flag too
+        if self.ddp:  # every rank stops, or none (a lone rank stopping would hang the others)
             bad = bad.float()
             torch.distributed.all_reduce(bad)
             bad = bad > 0
-        self._bad |= bad
+        self._bad = bad
         self.check_finite(step, "the weights (or the loss)")
 
     def train_precision(self):
@@ -1799,7 +1799,6 @@ class Run:
         """Atomically write <out-dir>/ckpt.pt: objects with a state_dict (net, ema, opt)
         and plain tensors/numbers, the step and the config. `local` is per-rank state
         (e.g. ASFM's memory), written beside it as ckpt.rank<r>.pt under DDP."""
-        self.check_finite(step)
         ckpt = {"step": step, "config": config_dict(self.args),
                 "state": {k: (v.state_dict() if hasattr(v, "state_dict") else v)
                           for k, v in state.items()}}
