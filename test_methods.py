@@ -727,6 +727,8 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
     floor, ceiling = digits_fd.floor_and_ceiling()
     same = digits_fd.report(held)
     assert abs(same["digits_fd"]) < 1e-3 and same["coverage"] == 10 and same["confidence"] > 0.9
+    half = digits_fd.report(train[750:])["digits_fd"]  # other real digits: near the floor
+    assert 0.5 * floor < half < 2 * floor
     blurred = digits_fd.report(F.avg_pool2d(train, 3, 1, 1))["digits_fd"]  # strokes smeared
     assert 0 < floor < blurred < ceiling and ceiling > 20 * floor
     one = digits_fd.report(train[:1].repeat(500, 1, 1, 1))  # a collapsed model: one digit
