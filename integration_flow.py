@@ -76,8 +76,9 @@ class IntegrationFlow:
 
     def __init__(self, ode="rf", param="paper", distance="l2", huber_c=0.00054,
                  bank_update="output", vp_steps=1000, vp_schedule="linear", vp_betas=(1e-4, 0.02),
-                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5):
+                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5, anchor_input="concat"):
         self.ode, self.param, self.distance, self.huber_c = ode, param, distance, huber_c
+        self.anchor_input = anchor_input
         self.bank_update, self.N = bank_update, vp_steps
         self.smin, self.smax, self.sigma_data = sigma_min, sigma_max, sigma_data
         if vp_schedule == "linear":  # DDPM betas, scaled so any N gives the same process
@@ -87,7 +88,8 @@ class IntegrationFlow:
             f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             betas = torch.tensor([min(1 - f((n + 1) / vp_steps) / f(n / vp_steps), 0.999)
                                   for n in range(vp_steps)], dtype=torch.float64)
-        self.abar = torch.cumprod(1 - betas, 0)  # abar_n, n = 0..N-1
+        # abar_n, n = 0..N-1, and abar_N = 0: pure noise, where DDDM's image sampler starts
+        self.abar = torch.cat([torch.cumprod(1 - betas, 0), torch.zeros(1, dtype=torch.float64)])
 
     # ---- forward processes -----------------------------------------------------------
     def sample_time(self, B, device):
@@ -125,7 +127,8 @@ class IntegrationFlow:
         """out = param(x_t, t, F(c_in x_t, t_net, anchor)); see the module docstring."""
         alpha, sigma = self.coeffs(time, x_t.ndim)
         c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt() if self.ode == "ve" else 1.0
-        F = net(c_in * x_t, self.net_time(time), extra=anchor)  # [reconstructed] VE input scaling
+        a = {"context" if self.anchor_input == "xattn" else "extra": anchor}
+        F = net(c_in * x_t, self.net_time(time), **a)  # [reconstructed] VE input scaling
         if self.param == "residual" or self.ode == "vp":
             return x_t - F
         if self.ode == "ve":
@@ -158,11 +161,15 @@ class IntegrationFlow:
 
     # ---- Algorithm 2: anchor iteration (and the labeled re-noising extension) ------------
     @torch.no_grad()
-    def sample(self, net, z, nfe=1, anchor=None, sampler="anchor", clip=False):
+    def sample(self, net, z, nfe=1, anchor=None, sampler="anchor", images=False):
         """x_T = sigma_T z; K = nfe anchor iterations a <- G(x_T, T, a). Returns (x0, info) with
-        info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration)."""
+        info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration).
+        images=True follows DDDM's image sampler: clamp to [-1, 1] after every iteration, and
+        VP starts at n = N (x_T = z, t_net = 1; one past the last trained index, as released)."""
         B, dev = z.shape[0], z.device
         time = self.level(1.0, B, dev)
+        if self.ode == "vp" and images:
+            time = torch.full((B,), float(self.N), device=dev)
         x_T = self.coeffs(time, z.ndim)[1] * z
         free = self.bank_update == "none"
         a = torch.zeros_like(z) if free else (torch.randn_like(z) if anchor is None else anchor)
@@ -176,7 +183,7 @@ class IntegrationFlow:
                 alpha, sigma = self.coeffs(time, z.ndim)
                 x_t = alpha * a + sigma * torch.randn_like(z)
             new = self.denoise(net, x_t, time, torch.zeros_like(z) if free else a).float()
-            new = new.clamp(-1, 1) if clip else new  # DDDM clamps image samples each iteration
+            new = new.clamp(-1, 1) if images else new  # DDDM clamps image samples each iteration
             changes.append((new - a).flatten(1).norm(dim=1).mean().item())
             a = new
         return a, {"nfe": nfe, "change": changes}
@@ -293,7 +300,7 @@ def sampler(args, run, data, net, method, changes=None):
     """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
     def sample_fn(n, nfe):
         z = torch.randn(n, *data.shape, device=run.device)
-        x, info = method.sample(net, z, nfe, sampler=args.sampler, clip=data.is_image)
+        x, info = method.sample(net, z, nfe, sampler=args.sampler, images=data.is_image)
         if changes is not None:
             changes.append(info["change"])
         return x, info["nfe"]
@@ -383,7 +390,17 @@ def build_method(args):
         raise common.UserError("--vp-steps must be >= 2, --conv-iters and --n-conv >= 1")
     return IntegrationFlow(args.ode, args.param, args.distance, args.huber_c, args.bank_update,
                            args.vp_steps, args.vp_schedule, betas, args.sigma_min, args.sigma_max,
-                           args.sigma_data)
+                           args.sigma_data, args.anchor_input)
+
+
+def anchor_input(args):
+    """--anchor-input: default xattn (DDDM) for the U-Net, concat where no cross-attention exists."""
+    if args.anchor_input is None:
+        args.anchor_input = "xattn" if args.arch == "unet" else "concat"
+    if args.anchor_input == "xattn" and args.arch != "unet":
+        raise common.UserError(f"--anchor-input xattn needs --arch unet (got '{args.arch}'; a 2-D point "
+                               "has no pixels to attend over): use --anchor-input concat")
+    return args.anchor_input
 
 
 def main(argv=None):
@@ -394,8 +411,13 @@ def main(argv=None):
     a("--param", default="paper", choices=("paper", "residual"),
       help="paper: per-ODE form in the docstring; residual: out = x_t - F for all")
     a("--bank-update", default="output", choices=("output", "data", "none"),
-      help="output: model's estimate (paper); data: x0 (released code, leaks the answer); "
+      help="output: the model's estimate (the paper's text); data: the clean x0 (the released code); "
+           "both banks converge to about x0 and give the same numbers; "
            "none: plain x0 regression without anchor (baseline)")
+    a("--anchor-input", default=None, choices=("concat", "xattn"),
+      help="xattn: x_t alone is the input, the anchor only cross-attention tokens without positions "
+           "(DDDM; default for --arch unet); concat: anchor as extra input channels (deviation; "
+           "default for mlp and dit, which have no cross-attention)")
     a("--bank-dtype", default="float32", choices=("float32", "float16"))
     a("--distance", default=None, choices=("pseudo-huber", "l2"))
     a("--huber-c", type=float, default=0.00054, help="pseudo-Huber c = huber_c * sqrt(dim) [reconstructed]")
@@ -416,10 +438,12 @@ def main(argv=None):
     if "rk45" in args.nfe_list:
         raise common.UserError("--nfe rk45 does not apply: Integration Flow has no ODE to solve, "
                                "--nfe is the number of anchor iterations")
+    xattn = anchor_input(args) == "xattn"
     method = build_method(args)
     run = common.Run(args)
     data = common.load_data(args)
-    net = common.build_net(args, data.shape, extra_ch=data.shape[0]).to(run.device)
+    net = common.build_net(args, data.shape, extra_ch=0 if xattn else data.shape[0],
+                           context_ch=data.shape[0] if xattn else 0).to(run.device)
     if args.mode == "train":
         train(args, run, data, net, method)
     elif args.mode == "bench":
