@@ -88,8 +88,7 @@ class IntegrationFlow:
             f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             betas = torch.tensor([min(1 - f((n + 1) / vp_steps) / f(n / vp_steps), 0.999)
                                   for n in range(vp_steps)], dtype=torch.float64)
-        # abar_n, n = 0..N-1, and abar_N = 0: pure noise, where DDDM's image sampler starts
-        self.abar = torch.cat([torch.cumprod(1 - betas, 0), torch.zeros(1, dtype=torch.float64)])
+        self.abar = torch.cumprod(1 - betas, 0)  # abar_n, n = 0..N-1
 
     # ---- forward processes -----------------------------------------------------------
     def sample_time(self, B, device):
@@ -108,7 +107,8 @@ class IntegrationFlow:
     def coeffs(self, time, ndim):
         """(alpha, sigma) with x_t = alpha x0 + sigma z, shaped to broadcast over data."""
         if self.ode == "vp":
-            abar = self.abar.to(time.device)[time.long()].float()
+            abar = torch.cat([self.abar, self.abar.new_zeros(1)])  # abar_N = 0: DDDM's sampling start
+            abar = abar.to(time.device)[time.long()].float()
             alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         elif self.ode == "ve":
             alpha, sigma = torch.ones_like(time), time
