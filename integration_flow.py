@@ -10,7 +10,9 @@ time the fixed point x0 = G(x_T, T, x0) is sought by iterating the anchor from n
 
 Time conventions (one per --ode; the network gets t_net in [0, 1], it multiplies by 1000):
   vp  discrete DDPM steps n = 0..N-1 (N = --vp-steps 1000, linear or cosine betas):
-      x_t = sqrt(abar_n) x0 + sqrt(1 - abar_n) z;  t_net = n / N;  sampling starts at n = N-1.
+      x_t = sqrt(abar_n) x0 + sqrt(1 - abar_n) z;  t_net = n / N;  sampling starts at n = N-1
+      (2-D), or, as DDDM's image sampler does, at n = N: x_T = z, t_net = 1, one past the
+      last trained index.
   ve  sigma = smin (smax/smin)^u, u ~ U[0, 1] (continuous form of DDDM's geometric grid),
       smin 0.01, smax 50:  x_t = x0 + sigma z;  t_net = u = ln(sigma/smin) / ln(smax/smin).
   rf  our flow time, t = 0 noise, t = 1 data: x_t = t x0 + (1 - t) z, t ~ U[0, 1); t_net = t.
@@ -19,25 +21,42 @@ Parameterizations (out = estimate of x0, F = network output; --param paper):
   ve  out = k x_t + (1 - k) F, k = smin / sigma       (out = x_t exactly at sigma = smin)
   rf  out = x_t + (1 - t) F  [reconstructed]          (F = average velocity; out = x_t at t = 1)
   --param residual uses out = x_t - F for all three (ablation).
-The anchor enters as extra input channels, concatenated to x_t (DDDM used cross-attention).
+Anchor input (--anchor-input): xattn is DDDM's (unet.py, use_CA): x_t alone is the input; the
+anchor enters only as cross-attention context, a 1x1 conv of the full-resolution anchor
+flattened to H*W tokens with no position embedding, at the attention resolutions and the
+middle block, so the network cannot copy the anchor pixel by pixel (common.CrossAttnBlock, one
+after each self-attention block; DDDM's SpatialTransformer also has a feed-forward, omitted).
+Default for --arch unet. concat (the deviation; default for mlp and dit) appends the anchor
+as input channels, which makes copying it trivial. A 2-D point has no pixels and no tokens:
+there is no analogue of xattn for --arch mlp (a "position-free" 2-D anchor, its coordinates
+as two unordered tokens, was tried and did not help); --arch dit has no cross-attention here.
 
-Training (DDDM Algorithm 1, with the released code's bank bug fixed):
+Training (DDDM Algorithm 1):
   bank[i] ~ N(0, I) for every training example i (GLOBAL dataset index)
   w = 1 / (epoch + 1)                                 (--w-schedule inv-epoch; or const --w)
   L = mean_i  w d(out_i, x0_i) + (1 - w) d(out_i, anchor_i)     anchor_i = bank[i], no gradient
-  bank[i] <- out_i.detach()                           (--bank-update output; `data` writes x0_i,
-        as the released code does, which leaks the answer: kept as a labeled ablation; `none`
-        trains plain x0 regression with a zero anchor, the baseline one flag away)
+  bank[i] <- out_i.detach()     --bank-update output: the paper's text (Algorithm 1).
+  bank[i] <- x0_i               --bank-update data: the released code (train_util.py writes the
+        clean batch; the output write is commented out in gaussian_diffusion.py). This bank is
+        x0 after one epoch; the output bank converges to about x0 too (toy: mean ||bank_i - x0_i||
+        0.07-0.14), and the two give the same numbers (README). Neither leaks the answer.
+  --bank-update none trains plain x0 regression with a zero anchor (the baseline).
   d = pseudo-Huber sqrt(||a - b||^2 + c^2) - c over the whole sample, c = --huber-c sqrt(dim)
       [reconstructed: DDDM applies it per element with c = 1.4e-4, close to L1], or l2
       (mean squared error). Only L2's minimizer is the conditional mean: for L2 the optimum is
       out = w E[x0 | x_t, anchor] + (1 - w) anchor; pseudo-Huber / L1 give a median-like point.
-Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor).
-  K = 1 is one step (DDDM Algorithm 2; its released sampler swaps x_bar and T, not copied).
+Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor),
+  clamped to [-1, 1] after every iteration for images (as DDDM). K = 1 is one step (DDDM
+  Algorithm 2). The released sampler passes (x_bar, T) in swapped positions and arguments its
+  functions do not accept, so it crashes: a real bug, not copied.
   --sampler renoise [not in the paper: a consistency-model style extension, labeled]: step k
   re-noises the current estimate to the k-th of K levels from T down and denoises it again.
 Convergence (the reviewers' question): mean ||a_new - a_old|| per epoch (training, kept in the
 checkpoint) and per sampling iteration; both plotted to <out-dir>/anchor_convergence.png.
+The answer (README): the bank converges to about x0. At t = T, x_T carries no information on
+x0, so the regression target is the mean of the data or a copy of the anchor; as the anchors
+seen in training become data (w -> 0), it learns to return its anchor, and a random N(0, I)
+anchor at sampling comes back about unchanged.
 
 Commands:
   python integration_flow.py                                   # CPU toy, 8 gaussians, ~1 min
