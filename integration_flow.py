@@ -63,6 +63,8 @@ Commands:
   python integration_flow.py --bank-update none                # plain x0-regression baseline
   python integration_flow.py --mode sample --nfe 1,2,4,8       # scatter plots in runs/.../samples
   python integration_flow.py --mode bench                      # step time vs a plain RF step
+  python integration_flow.py --dataset digits                  # 16x16 digits, anchor by cross-attention
+  python integration_flow.py --dataset digits --anchor-input concat   # anchor as input channels
   python integration_flow.py --dataset cifar10 --data-dir data # the cifar10 preset below
   torchrun --nproc_per_node 8 integration_flow.py --dataset cifar10 --data-dir data
   python integration_flow.py --dataset cifar10 --mode eval --nfe 1,2 --fid-n 50000
