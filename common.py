@@ -295,22 +295,44 @@ class AttnBlock(nn.Module):
         return (x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
 
 
+class CrossAttnBlock(nn.Module):
+    """Single-head cross-attention from the H*W positions of x to context tokens: a 1x1 conv
+    of a full-resolution context image (ctx_ch channels), flattened to tokens with NO position
+    embedding, so the output does not depend on where in the image a context pixel sits
+    (DDDM's SpatialTransformer anchor input). Residual, zero-init projection, output /sqrt(2)."""
+
+    def __init__(self, c, ctx_ch):
+        super().__init__()
+        self.norm, self.q, self.proj = _norm(c), nn.Conv2d(c, c, 1), zero_(nn.Conv2d(c, c, 1))
+        self.ctx, self.kv = nn.Conv2d(ctx_ch, c, 1), nn.Linear(c, 2 * c)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        q = self.q(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        k, v = self.kv(self.ctx(context).flatten(2).transpose(1, 2)).chunk(2, dim=2)  # (B, hw, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return (x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))) / math.sqrt(2)
+
+
 class UNet(nn.Module):
     """DDPM++-style U-Net. ch=128, ch_mult=(1,2,2,2), 2 blocks, attention at 16: 38.3M params
     (the DDPM CIFAR-10 net, 35.7M, plus scale/shift time modulation); ch=24, ch_mult=(1,2),
-    1 block, attention at 8: a 0.43M-parameter CPU model."""
+    1 block, attention at 8: a 0.43M-parameter CPU model. Two ways to give it a second image:
+    extra_ch concatenates it to the input channels (forward(..., extra=)); context_ch adds a
+    CrossAttnBlock to it after every self-attention block (forward(..., context=))."""
 
     def __init__(self, in_ch=3, out_ch=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, image_size=32, num_classes=0, extra_ch=0):
+                 attn_res=(16,), dropout=0.1, image_size=32, num_classes=0, extra_ch=0, context_ch=0):
         super().__init__()
         out_ch, emb = out_ch or in_ch, 4 * ch
+        attn = lambda c: [AttnBlock(c)] + ([CrossAttnBlock(c, context_ch)] if context_ch else [])  # noqa: E731
         self.cond = Conditioning(ch, emb, num_classes)
         self.conv_in = nn.Conv2d(in_ch + extra_ch, ch, 3, padding=1)
         self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([ResBlock(c, ch * mult, emb, dropout)]
-                                                + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                                                + (attn(ch * mult) if res in attn_res else [])))
                 c = ch * mult
                 skips.append(c)
             if level < len(ch_mult) - 1:
@@ -318,11 +340,12 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), AttnBlock(c), ResBlock(c, c, emb, dropout)])
+        self.mid_xattn = CrossAttnBlock(c, context_ch) if context_ch else None
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), ch * mult, emb, dropout)]
-                                              + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                                              + (attn(ch * mult) if res in attn_res else [])))
                 c = ch * mult
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -330,27 +353,28 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(_norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, padding=1)))
 
-    def forward(self, x, t, y=None, extra=None):
+    def forward(self, x, t, y=None, extra=None, context=None):
         emb = self.cond(t, y)
         h = self.conv_in(x if extra is None else torch.cat([x, extra], dim=1))
         hs = [h]
         for layer in self.down:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[0](h, emb)
-                for attn in layer[1:]:
-                    h = attn(h)
-            else:
-                h = layer(h)
+            h = self._block(layer, h, emb, context)
             hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = self.mid[1](self.mid[0](h, emb))
+        h = self.mid[2](h if self.mid_xattn is None else self.mid_xattn(h, context), emb)
         for layer in self.up:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[0](torch.cat([h, hs.pop()], dim=1), emb)
-                for attn in layer[1:]:
-                    h = attn(h)
-            else:
-                h = layer(h)
+            h = self._block(layer, torch.cat([h, hs.pop()], dim=1) if isinstance(layer, nn.ModuleList) else h,
+                            emb, context)
         return self.out(h)
+
+    @staticmethod
+    def _block(layer, h, emb, context):
+        if not isinstance(layer, nn.ModuleList):  # down- or up-sampling
+            return layer(h)
+        h = layer[0](h, emb)
+        for attn in layer[1:]:
+            h = attn(h, context) if isinstance(attn, CrossAttnBlock) else attn(h)
+        return h
 
 
 def sincos_pos_embed_2d(dim, grid):
@@ -441,15 +465,18 @@ class MLP(nn.Module):
         return self.net(torch.cat(parts, dim=1))
 
 
-def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None):
-    """The network named by --arch for data of `shape` ((2,) or (C, H, W))."""
+def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None, context_ch=0):
+    """The network named by --arch for data of `shape` ((2,) or (C, H, W)); context_ch > 0
+    (a cross-attended context image) exists for the U-Net only."""
+    if context_ch and args.arch != "unet":
+        raise UserError(f"cross-attention context is implemented for --arch unet only, not '{args.arch}'")
     if args.arch == "mlp":
         return MLP(shape[0], args.width, args.depth, num_classes, extra_ch, args.dropout)
     C, H, W = shape
     if args.arch == "unet":
         attn = tuple(r for r in args.attn_res)
         return UNet(C, out_ch, args.width, tuple(args.ch_mult), args.depth, attn, args.dropout,
-                    H, num_classes, extra_ch)
+                    H, num_classes, extra_ch, context_ch)
     if args.arch == "dit":
         return DiT(C, out_ch, H, args.patch, args.width, args.depth, args.heads, args.dropout,
                    num_classes, extra_ch)

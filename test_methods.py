@@ -1221,6 +1221,96 @@ def test_images_folder_unet(tmp_path):
     assert s["samples"].shape == (4, 16, 16, 3) and int(s["nfe"]) == 2
 
 
+def test_xattn_unet_never_sees_anchor_pixel_positions():
+    """--anchor-input xattn (DDDM): the anchor enters only as cross-attention tokens without a
+    position embedding, so permuting its pixels leaves the output unchanged; concatenated
+    channels (the deviation) do see positions. The anchor still matters in both."""
+    torch.manual_seed(0)
+    x, t, a = torch.randn(2, 1, 16, 16), torch.rand(2), torch.randn(2, 1, 16, 16)
+    perm = torch.randperm(256)
+    a_perm = a.flatten(2)[:, :, perm].reshape(a.shape)
+    net = common.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16, context_ch=1).eval()
+    for p in net.parameters():  # undo the zero-init so that every path carries signal
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        out, out_perm = net(x, t, context=a), net(x, t, context=a_perm)
+        assert torch.allclose(out, out_perm, atol=1e-5)
+        assert (out - net(x, t, context=a + 2)).abs().max() > 1e-2  # it does read the anchor
+        assert net.conv_in.in_channels == 1  # x_t alone is the input
+    cat = common.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16, extra_ch=1).eval()
+    for p in cat.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        assert (cat(x, t, extra=a) - cat(x, t, extra=a_perm)).abs().max() > 1e-2
+    # through the method: denoise() routes the anchor to context= only
+    m = IF.IntegrationFlow(ode="ve", anchor_input="xattn")
+    with torch.no_grad():
+        d1 = m.denoise(net, x, torch.full((2,), 3.0), a)
+        d2 = m.denoise(net, x, torch.full((2,), 3.0), a_perm)
+    assert torch.allclose(d1, d2, atol=1e-5)
+
+
+def test_unet_without_context_is_unchanged():
+    """context_ch = 0 (every other script) builds no cross-attention module: the parameters are
+    exactly those of the plain U-Net; context_ch > 0 only adds CrossAttnBlocks."""
+    kw = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16)
+    plain, xa = common.UNet(3, **kw), common.UNet(3, context_ch=3, **kw)
+    assert plain.mid_xattn is None and not any(isinstance(m, common.CrossAttnBlock) for m in plain.modules())
+    cross = [n + "." for n, m in xa.named_modules() if isinstance(m, common.CrossAttnBlock)]
+    assert len(cross) == 4  # one 8x8 down block, two 8x8 up blocks, the middle
+    added = set(xa.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(xa.state_dict())
+    assert all(any(k.startswith(c) for c in cross) for k in added)
+
+
+def test_vp_image_sampler_follows_dddm():
+    """DDDM's image sampler: VP starts at n = N (x_T = z, t_net = 1) and clamps every
+    iteration; 2-D data starts at the last trained index N - 1 and is not clamped."""
+    z = torch.randn(3, 1, 4, 4)
+    m = IF.IntegrationFlow(ode="vp")
+    net = FakeNet(torch.full((3, 1, 4, 4), -5.0))  # out = x_T - F = x_T + 5
+    x, _ = m.sample(net, z, 2, images=True)
+    x_in, t_in, _ = net.calls[0]
+    assert torch.equal(x_in, z) and t_in.tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(x, torch.ones_like(z))  # clamped to [-1, 1]
+    net.calls.clear()
+    x, _ = m.sample(net, z, 1)
+    assert net.calls[0][1].tolist() == pytest.approx([0.999] * 3)
+    assert torch.allclose(x, m.abar[-1].sqrt().float() * 0 + (1 - m.abar[-1]).sqrt().float() * z + 5)
+
+
+@pytest.mark.parametrize("ode", ["vp", "ve", "rf"])
+@pytest.mark.parametrize("inp", ["xattn", "concat"])
+def test_images_train_and_sample_both_anchor_inputs(tmp_path, ode, inp):
+    """Training and sampling run for every forward process with either anchor input; the
+    checkpoint alone rebuilds the right network (the flag comes from its config)."""
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--dataset", "folder", "--data-dir", str(folder), "--preset", "tiny", "--width", "8",
+            "--batch-size", "4", "--steps", "2", "--ode", ode,
+            "--out-dir", str(out), "--n-conv", "2", "--conv-iters", "2", "--sample-every", "0"]
+    IF.main(argv + ["--anchor-input", inp])
+    state = common.load_checkpoint(str(out / "ckpt.pt"))["state"]["ema"]
+    assert any("mid_xattn" in k for k in state) == (inp == "xattn")
+    assert state["conv_in.weight"].shape[1] == (3 if inp == "xattn" else 6)
+    IF.main(["--ckpt", str(out / "ckpt.pt"), "--mode", "sample", "--n", "2", "--nfe", "1,2"])
+    s = np.load(out / "samples" / "nfe2.npz")
+    assert s["samples"].shape == (2, 16, 16, 3)
+
+
+def test_xattn_needs_unet(tmp_path):
+    with pytest.raises(common.UserError, match="2-D point"):
+        IF.main(small(tmp_path, "bad", "--steps", "1", "--anchor-input", "xattn"))
+    with pytest.raises(common.UserError, match="needs --arch unet"):
+        IF.main(["--dataset", "folder", "--data-dir", str(tmp_path), "--arch", "dit",
+                 "--anchor-input", "xattn", "--out-dir", str(tmp_path / "dit")])
+
+
 def test_bench_prints_ratio(tmp_path, capsys):
     IF.main(small(tmp_path, "bench", "--mode", "bench", "--nfe", "1"))
     assert "bench ratio: Integration Flow step / RF step" in capsys.readouterr().out
