@@ -1472,31 +1472,57 @@ def _args(folder, out, *extra):
             "--sample-every", "0", "--log-every", "10", "--out-dir", str(out), *extra]
 
 
-def _recon_error(state, folder):
+def _folder_images(folder):
     args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
         ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny"]))
     data = common.load_data(args)
-    x = torch.stack([data.dataset[i][0] for i in range(len(data))])
+    return torch.stack([data.dataset[i][0] for i in range(len(data))])
+
+
+def _trained_func(state):
     net = common.FuncGenerator(3, 16, 2, 32, 2, 4).eval()
     net.load_state_dict(state)
+    return net
+
+
+def _noise_kept(net, x, sigma=0.1, draws=8):
+    """<f(x + sigma z, sigma) - x, sigma z> / ||sigma z||^2: the fraction of the input noise
+    left in the output (a network that ignores the noise keeps exactly c_skip(sigma))."""
+    m, torch_gen = cf.ConsistencyTraining(1), torch.Generator().manual_seed(0)
+    num = den = 0.0
     with torch.no_grad():
-        return cf.reconstruction_loss(net, x, cf.ConsistencyTraining(1))[0].item()
+        for _ in range(draws):
+            n = sigma * torch.randn(x.shape, generator=torch_gen)
+            out = m.denoise(net, x + n, torch.full((x.shape[0],), sigma))
+            num, den = num + ((out - x) * n).sum().item(), den + n.pow(2).sum().item()
+    return num / den
 
 
-def test_pretraining_reduces_reconstruction_error_and_resumes_exactly(tmp_path):
+def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
+    """Issue 12 items 3-4: the denoising warm start beats the per-pixel-mean floor, and the
+    trained generator keeps clearly less than c_skip(0.1) = 0.963 of the input noise at
+    sigma 0.1 (measured 0.83 after 80 steps; the Fourier-features-only generator kept
+    0.961). Denoise MSE at sigma 0.5 measured 0.038 vs the per-pixel-mean floor 0.084."""
     folder = _image_folder(tmp_path / "imgs")
+    x, m = _folder_images(folder), cf.ConsistencyTraining(1)
+    floor = (x - x.mean(0)).pow(2).mean().item()
     cf.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
-    before = _recon_error(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"], folder)
-    # A: 40 pre-training steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
-    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "40"))
+    init = _trained_func(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"])
+    # A: 80 warm-start steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
+    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3"))
     # B: the same run stopped at the phase boundary, then resumed
-    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "40"))
+    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "80", "--lr", "5e-3"))
     pre = common.load_checkpoint(str(tmp_path / "b/ckpt.pt"))
-    after = _recon_error(pre["state"]["net"], folder)
-    assert pre["step"] == 40 and after < 0.5 * before, (before, after)
-    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "40", "--resume"))
+    net = _trained_func(pre["state"]["net"])
+    before, after = cf.denoise_mse(init, x, m), cf.denoise_mse(net, x, m)
+    assert pre["step"] == 80 and after < 0.6 * min(before, floor), (before, after, floor)
+    c_skip = m.scalings(torch.tensor([0.1]))[0].item()
+    kept_init, kept = _noise_kept(init, x), _noise_kept(net, x)
+    assert abs(kept_init - c_skip) < 0.02, (kept_init, c_skip)  # untrained: F ignores the noise
+    assert kept < c_skip - 0.1, (kept, c_skip)  # 0.83 measured
+    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3", "--resume"))
     a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
-    assert a["step"] == b["step"] == 43
+    assert a["step"] == b["step"] == 83
     for key in ("net", "ema"):
         for name, v in a["state"][key].items():
             assert torch.equal(v, b["state"][key][name]), (key, name)
