@@ -26,18 +26,23 @@ Equations implemented (iCT, exact):
 
 CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are not public):
   - F is common.FuncGenerator (--arch func): DiT features with adaLN-Zero on the noise
-    embedding, Trans-INR weight tokens -> a ReLU MLP on Fourier features of (y, x), rendered
-    on the pixel-centre grid; in training on ANR's jittered "variational coordinates", the
-    same grid for student and teacher (it is drawn from the torch RNG, which is restored
-    between the two branches together with dropout's). No jitter at sampling.
-  - Any resolution: the last sampling step renders f_R' = c_skip resize(x, R') + c_out
-    render(functions, R'); at R' = R this is exactly f; for one step c_skip(80) = 4e-5, so
-    it is c_out(smax) INR(grid_R') (the skip term of the noise is approximated by resizing).
-  - Reconstruction pre-training (--pretrain-epochs, default 30 on real data): the clean image
-    goes in as at sigma_min, the rendered function is regressed onto it with L2; then
-    consistency training starts (EMA reset to the pre-trained weights).
-  - Multi-step sampling sigmas: the Karras grid with nfe + 1 points, without smin (iCT used
-    tau = 0.821 for two steps on CIFAR-10; this grid gives 2.52).
+    embedding; Trans-INR weight tokens give a ReLU MLP whose input at coordinate c is Fourier
+    features of c plus, LIIF-style, the patch tokens unpatchified to a feature map and the
+    input x, both read bilinearly at c. Chosen because a function of Fourier features and
+    global weights alone cannot cancel pixel-level noise (it kept exactly c_skip(sigma) of the
+    input noise at every sigma), while bilinear local reads keep it a continuous function.
+  - One function of the coordinates: f(x, s)(c) = c_skip sample_at(x, c) + c_out F(c), the
+    skip term through the same bilinear interpolant of x and at the same coordinates as F:
+    in training on ANR's jittered "variational coordinates" (one grid per batch, shared by
+    student and teacher), at sampling on the pixel-centre grid of any size (where the
+    interpolant at the training grid is x itself). For one step c_skip(80) = 4e-5.
+  - Warm start (--pretrain-epochs, default 30 on real data, 5 on tiny) instead of pure
+    reconstruction (which, at 5 tiny epochs, stayed at the per-pixel-mean floor): EDM
+    denoising over iCT's lognormal sigmas (Pm, Ps), clamped to [5 smin, smax], weighted by
+    1/c_out^2; the log prints the denoise MSE at sigma 0.5 next to the per-pixel-mean floor.
+    Then consistency training starts (EMA reset to the warm-started weights).
+  - Multi-step sampling sigmas: two steps (smax, --two-step-sigma 0.821) as in iCT; more
+    steps the Karras grid with nfe + 1 points, without smin.
 Baselines one flag away: --arch unet (CM-UNet), --arch dit (CM-DiT). Parameter counts are
 printed at start; on the tiny preset --arch func --width 72 (0.44M) matches the U-Net (0.43M).
 Absent: class-conditional training (labels are ignored); the paper's UViT baseline.
