@@ -1409,7 +1409,7 @@ def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
             assert err <= 1.1 * ref, (nfe, s, err, ref)
 
 
-def test_two_step_sigma_and_float64_weight():
+def test_sampling_sigmas_two_step_is_icts():
     m = cf.ConsistencyTraining(100)
     assert m.sampling_sigmas(1) == [80.0] and m.sampling_sigmas(2) == [80.0, 0.821]  # iCT
     assert cf.ConsistencyTraining(100, two_step_sigma=1.5).sampling_sigmas(2) == [80.0, 1.5]
