@@ -347,23 +347,45 @@ class AttnBlock(nn.Module):
         return (x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
 
 
+class CrossAttnBlock(nn.Module):
+    """Single-head cross-attention from the H*W positions of x to context tokens: a 1x1 conv
+    of a full-resolution context image (ctx_ch channels), flattened to tokens with NO position
+    embedding, so the output does not depend on where in the image a context pixel sits
+    (DDDM's SpatialTransformer anchor input). Residual, zero-init projection, output /sqrt(2)."""
+
+    def __init__(self, c, ctx_ch):
+        super().__init__()
+        self.norm, self.q, self.proj = _norm(c), nn.Conv2d(c, c, 1), zero_(nn.Conv2d(c, c, 1))
+        self.ctx, self.kv = nn.Conv2d(ctx_ch, c, 1), nn.Linear(c, 2 * c)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        q = self.q(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        k, v = self.kv(self.ctx(context).flatten(2).transpose(1, 2)).chunk(2, dim=2)  # (B, hw, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        return (x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))) / math.sqrt(2)
+
+
 class UNet(nn.Module):
     """DDPM-style U-Net (not DDPM++: no BigGAN-style resampling). ch=128, ch_mult=(1,2,2,2),
     2 blocks, attention at 16: 38.3M params (the DDPM CIFAR-10 net, 35.7M, plus scale/shift
-    time modulation; RF's DDPM++ has about 62M); ch=24, ch_mult=(1,2),
-    1 block, attention at 8: a 0.43M-parameter CPU model."""
+    time modulation; RF's DDPM++ has about 62M); ch=24, ch_mult=(1,2), 1 block, attention at
+    8: a 0.43M-parameter CPU model. Two ways to give it a second image: extra_ch concatenates
+    it to the input channels (forward(..., extra=)); context_ch adds a CrossAttnBlock to it
+    after every self-attention block (forward(..., context=))."""
 
     def __init__(self, in_ch=3, out_ch=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, image_size=32, num_classes=0, extra_ch=0):
+                 attn_res=(16,), dropout=0.1, image_size=32, num_classes=0, extra_ch=0, context_ch=0):
         super().__init__()
         out_ch, emb = out_ch or in_ch, 4 * ch
+        attn = lambda c: [AttnBlock(c)] + ([CrossAttnBlock(c, context_ch)] if context_ch else [])  # noqa: E731
         self.cond = Conditioning(ch, emb, num_classes)
         self.conv_in = nn.Conv2d(in_ch + extra_ch, ch, 3, padding=1)
         self.down, skips, c, res = nn.ModuleList(), [ch], ch, image_size
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([ResBlock(c, ch * mult, emb, dropout)]
-                                                + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                                                + (attn(ch * mult) if res in attn_res else [])))
                 c = ch * mult
                 skips.append(c)
             if level < len(ch_mult) - 1:
@@ -371,11 +393,12 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), AttnBlock(c), ResBlock(c, c, emb, dropout)])
+        self.mid_xattn = CrossAttnBlock(c, context_ch) if context_ch else None
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), ch * mult, emb, dropout)]
-                                              + ([AttnBlock(ch * mult)] if res in attn_res else [])))
+                                              + (attn(ch * mult) if res in attn_res else [])))
                 c = ch * mult
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -383,27 +406,28 @@ class UNet(nn.Module):
                 res *= 2
         self.out = nn.Sequential(_norm(c), nn.SiLU(), zero_(nn.Conv2d(c, out_ch, 3, padding=1)))
 
-    def forward(self, x, t, y=None, extra=None):
+    def forward(self, x, t, y=None, extra=None, context=None):
         emb = self.cond(t, y)
         h = self.conv_in(x if extra is None else torch.cat([x, extra], dim=1))
         hs = [h]
         for layer in self.down:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[0](h, emb)
-                for attn in layer[1:]:
-                    h = attn(h)
-            else:
-                h = layer(h)
+            h = self._block(layer, h, emb, context)
             hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = self.mid[1](self.mid[0](h, emb))
+        h = self.mid[2](h if self.mid_xattn is None else self.mid_xattn(h, context), emb)
         for layer in self.up:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[0](torch.cat([h, hs.pop()], dim=1), emb)
-                for attn in layer[1:]:
-                    h = attn(h)
-            else:
-                h = layer(h)
+            h = self._block(layer, torch.cat([h, hs.pop()], dim=1) if isinstance(layer, nn.ModuleList) else h,
+                            emb, context)
         return self.out(h)
+
+    @staticmethod
+    def _block(layer, h, emb, context):
+        if not isinstance(layer, nn.ModuleList):  # down- or up-sampling
+            return layer(h)
+        h = layer[0](h, emb)
+        for attn in layer[1:]:
+            h = attn(h, context) if isinstance(attn, CrossAttnBlock) else attn(h)
+        return h
 
 
 def _gn(c):
@@ -596,15 +620,18 @@ class MLP(nn.Module):
         return self.net(torch.cat(parts, dim=1))
 
 
-def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None):
-    """The network named by --arch for data of `shape` ((2,) or (C, H, W))."""
+def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None, context_ch=0):
+    """The network named by --arch for data of `shape` ((2,) or (C, H, W)); context_ch > 0
+    (a cross-attended context image) exists for the U-Net only."""
+    if context_ch and args.arch != "unet":
+        raise UserError(f"cross-attention context is implemented for --arch unet only, not '{args.arch}'")
     if args.arch == "mlp":
         return MLP(shape[0], args.width, args.depth, num_classes, extra_ch, args.dropout)
     C, H, W = shape
     if args.arch == "unet":
         attn = tuple(r for r in args.attn_res)
         return UNet(C, out_ch, args.width, tuple(args.ch_mult), args.depth, attn, args.dropout,
-                    H, num_classes, extra_ch)
+                    H, num_classes, extra_ch, context_ch)
     if args.arch == "ddpmpp":
         return DDPMpp(C, out_ch, args.width, tuple(args.ch_mult), args.depth, tuple(args.attn_res),
                       args.dropout, H, num_classes, extra_ch)
@@ -621,7 +648,7 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-# ---- INR generator (--arch func): DiT features -> weights of a coordinate MLP (CM-Func) ----
+# ---- INR generator (--arch func): DiT features -> a coordinate function (CM-Func) ----
 def pixel_grid(size, device=None, batch=None, jitter=False):
     """Pixel-centre coordinates of an H x W image on [-1, 1]^2: centres -1 + (2j + 1)/s, as
     (y, x) pairs, shape (H, W, 2). jitter=True gives ANR's "variational coordinates": each
@@ -636,28 +663,47 @@ def pixel_grid(size, device=None, batch=None, jitter=False):
     return grid + torch.maximum(torch.minimum(noise, half), -half)
 
 
+def sample_at(img, coords):
+    """The bilinear interpolant of img (B, C, H, W) at (y, x) coords ((H', W', 2) or
+    (B, H', W', 2)) on [-1, 1]^2 -> (B, C, H', W'). Pixel centres (pixel_grid) hit the pixels;
+    outside the outer centres the border value is held."""
+    if coords.ndim == 3:
+        coords = coords.expand(img.shape[0], *coords.shape)
+    return F.grid_sample(img, coords.flip(-1).to(img.dtype), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
 class FuncGenerator(nn.Module):
-    """CM-Func's generator: noisy image -> image *function* (the weights of a coordinate MLP,
-    an INR), rendered at any resolution. Trans-INR style (Chen & Wang 2022), [reconstructed]:
+    """CM-Func's generator: noisy image -> image *function*, rendered at any resolution.
+    [reconstructed] (the paper's generator is not public). Design: Trans-INR (Chen & Wang 2022)
+    weight tokens plus a LIIF-style local feature path (Chen et al. 2021):
 
     - feature extraction: DiT on the patches of x with adaLN-Zero blocks conditioned on the
       noise embedding t (t is multiplied by 1000 inside the embedding, like every network here);
-    - function prediction: learned weight tokens are appended to the patch sequence; after the
-      blocks, the g tokens of layer l each give one row-scale vector of length fan_in, which
+    - global part, Trans-INR: learned weight tokens are appended to the patch sequence; after
+      the blocks, the g tokens of layer l each give one row-scale vector of length fan_in, which
       modulates the shared base weight of that layer (column j uses token j mod g), then every
       column is normalized to unit length; biases are the shared base biases;
-    - the INR: Fourier features cos/sin(pi w c), w geometric in [1, max_freq] (max_freq =
-      image_size/2, the training grid's Nyquist rate), then `inr_depth` linear layers with ReLU
-      between them -> C channels, evaluated on all pixels of a grid of any size at once.
+    - local part, LIIF: the patch tokens are unpatchified into a `feat`-channel feature map at
+      the input's resolution; the function at coordinate c reads that map and the input x
+      bilinearly at c (sample_at). Why: a function of (Fourier features, global weights) alone
+      cannot cancel pixel-level noise (measured: it kept exactly c_skip of the input noise),
+      while the local features carry per-pixel information like a DiT's output does, and a
+      bilinear read keeps the function continuous, so it still renders at any resolution;
+    - the INR: [Fourier features cos/sin(pi w c), w geometric in [1, image_size/2] (the training
+      grid's Nyquist rate); local features at c] -> `inr_depth` linear layers with the generated
+      weights, ReLU between them -> C channels, evaluated on all pixels of a grid at once.
 
-    forward(x, t) renders at x's resolution (on a jittered grid in training mode, see
-    pixel_grid), so the network plugs into code written for U-Net/DiT; `functions =
-    generate(x, t)` once, then `render(functions, size)` at as many sizes as you like.
+    forward(x, t, coords=None) renders on coords (default: x's pixel-centre grid), so the
+    network plugs into code written for U-Net/DiT; `functions = generate(x, t)` once, then
+    `render(functions, size)` at as many sizes as you like. The grid (and its training-time
+    jitter) is chosen by the caller, which evaluates consistency_func's skip term c_skip x on
+    the same coordinates with the same interpolant.
     """
 
     def __init__(self, in_ch=3, image_size=32, patch=2, width=384, depth=12, heads=6, dropout=0.0,
                  num_classes=0, inr_width=64, inr_depth=3, groups=None, fourier=16, max_freq=None,
-                 jitter=True):
+                 jitter=True, feat=16):
         super().__init__()
         if image_size % patch:
             raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
@@ -666,18 +712,19 @@ class FuncGenerator(nn.Module):
             raise UserError(f"--inr-depth must be >= 2 and --inr-width ({inr_width}) a multiple "
                             f"of the {groups} weight-token groups")
         self.out_ch, self.image_size, self.jitter = in_ch, image_size, jitter
-        grid = image_size // patch
+        self.patch, self.grid, self.feat = patch, image_size // patch, feat
         self.embed = nn.Conv2d(in_ch, width, patch, stride=patch)
-        self.register_buffer("pos", sincos_pos_embed_2d(width, grid)[None], persistent=False)
+        self.register_buffer("pos", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.cond = Conditioning(256, width, num_classes)
         self.blocks = nn.ModuleList([DiTBlock(width, heads, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), zero_(nn.Linear(width, 2 * width)))
+        self.local = nn.Linear(width, patch * patch * feat)  # patch token -> p x p feature pixels
         # the INR's Fourier frequencies (fixed) and layer shapes (fan_in + 1 bias row, fan_out)
         max_freq = max_freq or image_size / 2
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), fourier)),
                              persistent=False)
-        dims = [4 * fourier] + [inr_width] * (inr_depth - 1) + [in_ch]
+        dims = [4 * fourier + feat + in_ch] + [inr_width] * (inr_depth - 1) + [in_ch]
         self.base, self.post, self.ranges, n = nn.ParameterList(), nn.ModuleList(), [], 0
         for fan_in, fan_out in zip(dims[:-1], dims[1:]):
             layer = nn.Linear(fan_in, fan_out)  # PyTorch's default init for the shared base
@@ -690,50 +737,53 @@ class FuncGenerator(nn.Module):
 
     def generate(self, x, t, y=None):
         """(B, C, H, W) at the training resolution, t [B] -> the B functions: one weight tensor
-        (B, fan_in + 1, fan_out) per INR layer (last row = bias)."""
+        (B, fan_in + 1, fan_out) per INR layer (last row = bias), then the local feature map
+        (B, feat + C, H, W) (the unpatchified tokens and x itself)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise UserError(f"the function generator was built for {self.image_size}px inputs, "
                             f"got {tuple(x.shape[-2:])}; render other sizes with net.render")
-        B = x.shape[0]
+        B, T, g, p = x.shape[0], self.tokens.shape[1], self.grid, self.patch
         h = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, C, H, W) -> (B, N, D)
         h = torch.cat([h, self.tokens.expand(B, -1, -1)], dim=1)  # + weight tokens (B, N + T, D)
         c = self.cond(t, y)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada(c).chunk(2, dim=1)
-        tokens = modulate(self.norm(h[:, -self.tokens.shape[1]:]), shift, scale)  # (B, T, D)
+        h = modulate(self.norm(h), shift, scale)
+        tokens = h[:, -T:]  # (B, T, D)
+        local = self.local(h[:, :-T]).reshape(B, g, g, p, p, self.feat).permute(0, 5, 1, 3, 2, 4)
+        local = torch.cat([local.reshape(B, self.feat, g * p, g * p), x.to(local.dtype)], dim=1)
         functions = []
         for base, post, (lo, hi) in zip(self.base, self.post, self.ranges):
             rows = post(tokens[:, lo:hi]).transpose(1, 2)  # (B, fan_in, g)
             w = base[:-1] * rows.repeat(1, 1, base.shape[1] // (hi - lo))
             w = F.normalize(w, dim=1)  # unit-length columns (Trans-INR)
             functions.append(torch.cat([w, base[-1:].expand(B, 1, -1).to(w.dtype)], dim=1))
-        return functions
+        return functions + [local]
 
-    def render(self, functions, size=None, coords=None, jitter=False):
+    def render(self, functions, size=None, coords=None):
         """Evaluate the functions on the pixel-centre grid of `size` (int or (H, W); default the
         training size) or on given coords ((H, W, 2) shared or (B, H, W, 2)) -> (B, C, H, W)."""
-        B = functions[0].shape[0]
+        *weights, local = functions
+        B = local.shape[0]
         if coords is None:
-            coords = pixel_grid(size or self.image_size, functions[0].device, B, jitter)
+            coords = pixel_grid(size or self.image_size, local.device)
         H, W = coords.shape[-3:-1]
         angles = math.pi * coords[..., None] * self.freqs  # (.., H, W, 2, F)
-        h = torch.cat([angles.cos(), angles.sin()], dim=-1).reshape(-1, H * W, 4 * len(self.freqs))
-        for i, wb in enumerate(functions):  # (1 or B, HW, fan_in) -> (B, HW, fan_out)
+        fourier = torch.cat([angles.cos(), angles.sin()], dim=-1).reshape(-1, H * W, 4 * len(self.freqs))
+        feats = sample_at(local, coords).flatten(2).transpose(1, 2)  # (B, HW, feat + C)
+        h = torch.cat([fourier.to(feats.dtype).expand(B, -1, -1), feats], dim=-1)
+        for i, wb in enumerate(weights):  # (B, HW, fan_in) -> (B, HW, fan_out)
             h = torch.matmul(h.to(wb.dtype), wb[:, :-1]) + wb[:, -1:]
-            if i < len(functions) - 1:
+            if i < len(weights) - 1:
                 h = F.relu(h)
         return h.transpose(1, 2).reshape(B, self.out_ch, H, W)
 
     def forward(self, x, t, y=None, extra=None, coords=None):
-        """The rendered image F(x, t): at x's resolution by default (jittered grid in training
-        mode), at another size if coords is an int or (H, W), or on the given coordinates."""
+        """The rendered image F(x, t) on coords (default: x's pixel-centre grid, no jitter)."""
         if extra is not None:
             raise UserError("--arch func takes no extra input channels; use --arch unet or dit")
-        functions = self.generate(x, t, y)
-        if torch.is_tensor(coords):
-            return self.render(functions, coords=coords)
-        return self.render(functions, coords or x.shape[-2:], jitter=self.training and self.jitter)
+        return self.render(self.generate(x, t, y), x.shape[-2:] if coords is None else None, coords)
 
 
 #################################################################################

@@ -26,18 +26,23 @@ Equations implemented (iCT, exact):
 
 CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are not public):
   - F is common.FuncGenerator (--arch func): DiT features with adaLN-Zero on the noise
-    embedding, Trans-INR weight tokens -> a ReLU MLP on Fourier features of (y, x), rendered
-    on the pixel-centre grid; in training on ANR's jittered "variational coordinates", the
-    same grid for student and teacher (it is drawn from the torch RNG, which is restored
-    between the two branches together with dropout's). No jitter at sampling.
-  - Any resolution: the last sampling step renders f_R' = c_skip resize(x, R') + c_out
-    render(functions, R'); at R' = R this is exactly f; for one step c_skip(80) = 4e-5, so
-    it is c_out(smax) INR(grid_R') (the skip term of the noise is approximated by resizing).
-  - Reconstruction pre-training (--pretrain-epochs, default 30 on real data): the clean image
-    goes in as at sigma_min, the rendered function is regressed onto it with L2; then
-    consistency training starts (EMA reset to the pre-trained weights).
-  - Multi-step sampling sigmas: the Karras grid with nfe + 1 points, without smin (iCT used
-    tau = 0.821 for two steps on CIFAR-10; this grid gives 2.52).
+    embedding; Trans-INR weight tokens give a ReLU MLP whose input at coordinate c is Fourier
+    features of c plus, LIIF-style, the patch tokens unpatchified to a feature map and the
+    input x, both read bilinearly at c. Chosen because a function of Fourier features and
+    global weights alone cannot cancel pixel-level noise (it kept exactly c_skip(sigma) of the
+    input noise at every sigma), while bilinear local reads keep it a continuous function.
+  - One function of the coordinates: f(x, s)(c) = c_skip sample_at(x, c) + c_out F(c), the
+    skip term through the same bilinear interpolant of x and at the same coordinates as F:
+    in training on ANR's jittered "variational coordinates" (one grid per batch, shared by
+    student and teacher), at sampling on the pixel-centre grid of any size (where the
+    interpolant at the training grid is x itself). For one step c_skip(80) = 4e-5.
+  - Warm start (--pretrain-epochs, default 30 on real data, 5 on tiny) instead of pure
+    reconstruction (which, at 5 tiny epochs, stayed at the per-pixel-mean floor): EDM
+    denoising over iCT's lognormal sigmas (Pm, Ps), clamped to [5 smin, smax], weighted by
+    1/c_out^2; the log prints the denoise MSE at sigma 0.5 next to the per-pixel-mean floor.
+    Then consistency training starts (EMA reset to the warm-started weights).
+  - Multi-step sampling sigmas: two steps (smax, --two-step-sigma 0.821) as in iCT; more
+    steps the Karras grid with nfe + 1 points, without smin.
 Baselines one flag away: --arch unet (CM-UNet), --arch dit (CM-DiT). Parameter counts are
 printed at start; on the tiny preset --arch func --width 72 (0.44M) matches the U-Net (0.43M).
 Absent: class-conditional training (labels are ignored); the paper's UViT baseline.
@@ -99,8 +104,8 @@ def pseudo_huber(a, b, c):
 class ConsistencyTraining:
     """iCT, generic over the network: images (UNet / DiT / FuncGenerator) or 2-D points (MLP)."""
 
-    def __init__(self, total_steps, sigma_data=0.5):
-        self.K, self.sigma_data = total_steps, sigma_data
+    def __init__(self, total_steps, sigma_data=0.5, two_step_sigma=0.821):
+        self.K, self.sigma_data, self.two_step_sigma = total_steps, sigma_data, two_step_sigma
 
     def scalings(self, sigma):
         """c_skip, c_out, c_in for sigma [B]; c_skip(smin) = 1 and c_out(smin) = 0 exactly."""
@@ -110,10 +115,24 @@ class ConsistencyTraining:
         c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
         return c_skip, c_out, c_in
 
-    def denoise(self, net, x, sigma, y=None):
-        """f(x, sigma) = c_skip x + c_out F(c_in x, 0.25 ln sigma)."""
+    def denoise(self, net, x, sigma, y=None, coords=None):
+        """f(x, sigma) = c_skip x + c_out F(c_in x, 0.25 ln sigma). With coords (FuncGenerator),
+        both terms are evaluated there: c_skip sample_at(x, coords) + c_out render(coords); the
+        bilinear interpolant at the pixel centres is x itself, so coords=None means those."""
         c_skip, c_out, c_in = (c.view(-1, *[1] * (x.ndim - 1)) for c in self.scalings(sigma))
-        return c_skip * x + c_out * net(c_in * x, 0.25 * sigma.log(), y)
+        if coords is None:
+            return c_skip * x + c_out * net(c_in * x, 0.25 * sigma.log(), y)
+        return (c_skip * common.sample_at(x, coords)
+                + c_out * net(c_in * x, 0.25 * sigma.log(), y, coords=coords))
+
+    @staticmethod
+    def train_coords(net, x):
+        """ANR's jittered pixel-centre grid for a FuncGenerator in training mode (one per
+        sample, shared by every branch of a loss); None otherwise (the exact pixel grid)."""
+        inner = getattr(net, "module", net)  # DDP
+        if isinstance(inner, common.FuncGenerator) and inner.training and inner.jitter:
+            return common.pixel_grid(x.shape[-2:], x.device, x.shape[0], jitter=True)
+        return None
 
     def loss(self, net, x, k, y=None):
         """iCT loss at consistency step k: (mean over the batch, logged numbers)."""
@@ -122,20 +141,24 @@ class ConsistencyTraining:
         i = torch.multinomial(index_probs(sigmas), x.shape[0], replacement=True)  # 0-based i
         sigma_i, sigma_next = (sigmas[j].to(x.device, torch.float32) for j in (i, i + 1))
         z = torch.randn_like(x)  # the same z in both branches
+        coords = self.train_coords(net, x)  # the same (jittered) coordinates in both branches
         bshape = (-1, *[1] * (x.ndim - 1))
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             # teacher first; leaving fork_rng restores the RNG, so the student's dropout masks
-            # (and the INR's jittered grid) are drawn from the same state
-            teacher = self.denoise(net, x + sigma_i.view(bshape) * z, sigma_i, y)
-        student = self.denoise(net, x + sigma_next.view(bshape) * z, sigma_next, y)
-        weight = 1 / (sigma_next - sigma_i)  # lambda(sigma_i)
+            # are drawn from the same state
+            teacher = self.denoise(net, x + sigma_i.view(bshape) * z, sigma_i, y, coords)
+        student = self.denoise(net, x + sigma_next.view(bshape) * z, sigma_next, y, coords)
+        weight = (1 / (sigmas[i + 1] - sigmas[i])).to(x.device, torch.float32)  # lambda, float64
         d = pseudo_huber(student, teacher.detach(), HUBER * math.sqrt(x[0].numel()))
         return (weight * d).mean(), {"N": N}
 
     def sampling_sigmas(self, nfe):
-        """tau_1 = smax > tau_2 > ...: the first nfe points of the Karras grid of nfe + 1
-        points, read from the top ([reconstructed])."""
+        """tau_1 = smax > tau_2 > ...: two steps use iCT's (smax, 0.821) (--two-step-sigma);
+        more steps the first nfe points of the Karras grid of nfe + 1 points, read from the top
+        ([reconstructed]: iCT reports only one and two steps)."""
+        if nfe == 2:
+            return [SIGMA_MAX, self.two_step_sigma]
         return karras_sigmas(nfe + 1).flip(0)[:nfe].tolist()
 
     @torch.no_grad()
@@ -148,24 +171,41 @@ class ConsistencyTraining:
             if step > 0:
                 x = x + math.sqrt(tau ** 2 - SIGMA_MIN ** 2) * torch.randn_like(x)
             sigma = torch.full((x.shape[0],), tau, device=x.device)
-            if step == len(taus) - 1 and sizes:
+            if step == len(taus) - 1 and sizes:  # f on the pixel centres of every size
                 c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
-                functions = net.generate(c_in * x, 0.25 * sigma.log(), y)
-                for s in sorted(set(sizes) | {x.shape[-1]}):
-                    skip = F.interpolate(x, size=(s, s), mode="bilinear", antialias=s < x.shape[-1])
-                    renders[s] = c_skip * skip + c_out * net.render(functions, s)
-                x = renders[x.shape[-1]]
+                functions, R = net.generate(c_in * x, 0.25 * sigma.log(), y), x.shape[-1]
+                for s in sorted(set(sizes) | {R}):
+                    grid = common.pixel_grid(s, x.device)
+                    skip = x if s == R else common.sample_at(x, grid)  # one interpolant of x
+                    renders[s] = c_skip * skip + c_out * net.render(functions, coords=grid)
+                x = renders[R]
             else:
                 x = self.denoise(net, x, sigma, y)
         return x, {"nfe": len(taus), "renders": renders}
 
 
-def reconstruction_loss(net, x, method):
-    """Pre-training [reconstructed]: the clean image, fed as at sigma_min, -> function ->
-    render -> L2 to the image (trains the function output F directly)."""
-    sigma = torch.full((x.shape[0],), SIGMA_MIN, device=x.device)
-    c_in = method.scalings(sigma)[2].view(-1, 1, 1, 1)
-    return (net(c_in * x, 0.25 * sigma.log()).float() - x).pow(2).mean(), {}
+def warm_start_loss(net, x, method):
+    """Warm start [reconstructed]: EDM denoising over iCT's lognormal sigmas (Pm, Ps),
+    clamped to [5 smin, smax] where c_out > 0: ||F(c_in x_s) - (x - c_skip x_s)/c_out||^2 =
+    ||f(x_s, s) - x||^2 / c_out^2 (EDM's weighting), on the same jittered grid as iCT."""
+    sigma = (P_MEAN + P_STD * torch.randn(x.shape[0], device=x.device)).exp()
+    sigma = sigma.clamp(5 * SIGMA_MIN, SIGMA_MAX)
+    coords = method.train_coords(net, x)
+    target = x if coords is None else common.sample_at(x, coords)
+    z = torch.randn_like(x)
+    out = method.denoise(net, x + sigma.view(-1, 1, 1, 1) * z, sigma, coords=coords)
+    c_out = method.scalings(sigma)[1].view(-1, 1, 1, 1)
+    return ((out.float() - target) / c_out).pow(2).mean(), {}
+
+
+@torch.no_grad()
+def denoise_mse(net, x, method, sigma=0.5):
+    """The warm start's progress: ||f(x + sigma z, sigma) - x||^2 per pixel at sigma =
+    sigma_data, on a fixed noise draw (own RNG: training draws are untouched)."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        s = torch.full((x.shape[0],), sigma, device=x.device)
+        return (method.denoise(net, x + sigma * torch.randn_like(x), s) - x).pow(2).mean().item()
 
 
 #################################################################################
@@ -181,7 +221,10 @@ def train(args, run, data, net, method):
     # global step = pre-training steps, then the K = --steps consistency steps
     pretrain = round(args.pretrain_epochs * batches.per_epoch) if args.arch == "func" else 0
     if pretrain:
-        run.print(f"reconstruction pre-training: {pretrain} steps ({args.pretrain_epochs} epochs)")
+        ref = torch.stack([data.dataset[i][0] for i in range(min(len(data), 1000))])
+        floor = (ref - ref.mean(0)).pow(2).mean().item()  # MSE of the per-pixel data mean
+        run.print(f"denoising warm start: {pretrain} steps ({args.pretrain_epochs} epochs); "
+                  f"per-pixel-mean floor {floor:.4f}")
     if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
         run.save(0, net=net, ema=ema, opt=opt)
     stream = iter(batches)
@@ -193,7 +236,7 @@ def train(args, run, data, net, method):
             x = common.random_hflip(x)
         with run.autocast:
             if step < pretrain:
-                loss, logs = reconstruction_loss(model, x, method)
+                loss, logs = warm_start_loss(model, x, method)
             else:
                 loss, logs = method.loss(model, x, step - pretrain)
         common.optimize(opt, loss, net, args, step)
@@ -202,10 +245,11 @@ def train(args, run, data, net, method):
             run.log(step + 1 - pretrain, loss, **logs)
         elif run.due(step + 1, args.log_every) or step + 1 == pretrain:
             if not torch.isfinite(loss):
-                raise common.UserError(f"reconstruction loss is {loss.item()} at pre-training "
+                raise common.UserError(f"warm-start loss is {loss.item()} at pre-training "
                                        f"step {step + 1}: lower --lr or use --amp fp32")
-            run.print(f"pretrain step {step + 1}/{pretrain} | epoch {batches.epoch} | "
-                      f"recon {loss.item():.5f}")
+            run.print(f"pretrain step {step + 1}/{pretrain} | epoch {batches.epoch} | loss "
+                      f"{loss.item():.4f} | denoise MSE at sigma 0.5 {denoise_mse(net, x, method):.4f} "
+                      f"(per-pixel-mean floor {floor:.4f})")
         if run.due(step + 1, args.ckpt_every) or step + 1 in (pretrain, pretrain + args.steps):
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.sample_every):
@@ -294,7 +338,9 @@ def main(argv=None):
     parser = common.add_common_args(argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--pretrain-epochs", type=float, default=None,
-                        help="reconstruction pre-training epochs before iCT (--arch func)")
+                        help="denoising warm-start epochs before iCT (--arch func)")
+    parser.add_argument("--two-step-sigma", type=float, default=0.821,
+                        help="the second sigma of two-step sampling (iCT: 0.821)")
     parser.add_argument("--sigma-data", type=float, default=None,
                         help="data std in the scalings (default 0.5 for images as in iCT; "
                         "for 2-D data the training set's std [reconstructed])")
@@ -330,7 +376,7 @@ def main(argv=None):
     net.jitter = args.jitter
     run.print(f"consistency_func: {args.arch} with {common.count_params(net) / 1e6:.3f}M parameters")
     args.sigma_data = args.sigma_data or (0.5 if data.is_image else data.x.std().item())
-    method = ConsistencyTraining(args.steps, args.sigma_data)
+    method = ConsistencyTraining(args.steps, args.sigma_data, args.two_step_sigma)
     if args.mode == "train":
         train(args, run, data, net, method)
         run.close()

@@ -10,7 +10,9 @@ time the fixed point x0 = G(x_T, T, x0) is sought by iterating the anchor from n
 
 Time conventions (one per --ode; the network gets t_net in [0, 1], it multiplies by 1000):
   vp  discrete DDPM steps n = 0..N-1 (N = --vp-steps 1000, linear or cosine betas):
-      x_t = sqrt(abar_n) x0 + sqrt(1 - abar_n) z;  t_net = n / N;  sampling starts at n = N-1.
+      x_t = sqrt(abar_n) x0 + sqrt(1 - abar_n) z;  t_net = n / N;  sampling starts at n = N-1
+      (2-D), or, as DDDM's image sampler does, at n = N: x_T = z, t_net = 1, one past the
+      last trained index.
   ve  sigma = smin (smax/smin)^u, u ~ U[0, 1] (continuous form of DDDM's geometric grid),
       smin 0.01, smax 50:  x_t = x0 + sigma z;  t_net = u = ln(sigma/smin) / ln(smax/smin).
   rf  our flow time, t = 0 noise, t = 1 data: x_t = t x0 + (1 - t) z, t ~ U[0, 1); t_net = t.
@@ -19,31 +21,50 @@ Parameterizations (out = estimate of x0, F = network output; --param paper):
   ve  out = k x_t + (1 - k) F, k = smin / sigma       (out = x_t exactly at sigma = smin)
   rf  out = x_t + (1 - t) F  [reconstructed]          (F = average velocity; out = x_t at t = 1)
   --param residual uses out = x_t - F for all three (ablation).
-The anchor enters as extra input channels, concatenated to x_t (DDDM used cross-attention).
+Anchor input (--anchor-input): xattn is DDDM's (unet.py, use_CA): x_t alone is the input; the
+anchor enters only as cross-attention context, a 1x1 conv of the full-resolution anchor
+flattened to H*W tokens with no position embedding, at the attention resolutions and the
+middle block, so the network cannot copy the anchor pixel by pixel (common.CrossAttnBlock, one
+after each self-attention block; DDDM's SpatialTransformer also has a feed-forward, omitted).
+Default for --arch unet. concat (the deviation; default for mlp and dit) appends the anchor
+as input channels, which makes copying it trivial. A 2-D point has no pixels and no tokens:
+there is no analogue of xattn for --arch mlp (a "position-free" 2-D anchor, its coordinates
+as two unordered tokens, was tried and did not help); --arch dit has no cross-attention here.
 
-Training (DDDM Algorithm 1, with the released code's bank bug fixed):
+Training (DDDM Algorithm 1):
   bank[i] ~ N(0, I) for every training example i (GLOBAL dataset index)
   w = 1 / (epoch + 1)                                 (--w-schedule inv-epoch; or const --w)
   L = mean_i  w d(out_i, x0_i) + (1 - w) d(out_i, anchor_i)     anchor_i = bank[i], no gradient
-  bank[i] <- out_i.detach()                           (--bank-update output; `data` writes x0_i,
-        as the released code does, which leaks the answer: kept as a labeled ablation; `none`
-        trains plain x0 regression with a zero anchor, the baseline one flag away)
+  bank[i] <- out_i.detach()     --bank-update output: the paper's text (Algorithm 1).
+  bank[i] <- x0_i               --bank-update data: the released code (train_util.py writes the
+        clean batch; the output write is commented out in gaussian_diffusion.py). This bank is
+        x0 after one epoch; the output bank converges to about x0 too (toy: mean ||bank_i - x0_i||
+        0.07-0.14), and the two give the same numbers (README). Neither leaks the answer.
+  --bank-update none trains plain x0 regression with a zero anchor (the baseline).
   d = pseudo-Huber sqrt(||a - b||^2 + c^2) - c over the whole sample, c = --huber-c sqrt(dim)
       [reconstructed: DDDM applies it per element with c = 1.4e-4, close to L1], or l2
       (mean squared error). Only L2's minimizer is the conditional mean: for L2 the optimum is
       out = w E[x0 | x_t, anchor] + (1 - w) anchor; pseudo-Huber / L1 give a median-like point.
-Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor).
-  K = 1 is one step (DDDM Algorithm 2; its released sampler swaps x_bar and T, not copied).
+Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor),
+  clamped to [-1, 1] after every iteration for images (as DDDM). K = 1 is one step (DDDM
+  Algorithm 2). The released sampler passes (x_bar, T) in swapped positions and arguments its
+  functions do not accept, so it crashes: a real bug, not copied.
   --sampler renoise [not in the paper: a consistency-model style extension, labeled]: step k
   re-noises the current estimate to the k-th of K levels from T down and denoises it again.
 Convergence (the reviewers' question): mean ||a_new - a_old|| per epoch (training, kept in the
 checkpoint) and per sampling iteration; both plotted to <out-dir>/anchor_convergence.png.
+The answer (README): the bank converges to about x0. At t = T, x_T carries no information on
+x0, so the regression target is the mean of the data or a copy of the anchor; as the anchors
+seen in training become data (w -> 0), it learns to return its anchor, and a random N(0, I)
+anchor at sampling comes back about unchanged.
 
 Commands:
   python integration_flow.py                                   # CPU toy, 8 gaussians, ~1 min
   python integration_flow.py --bank-update none                # plain x0-regression baseline
   python integration_flow.py --mode sample --nfe 1,2,4,8       # scatter plots in runs/.../samples
   python integration_flow.py --mode bench                      # step time vs a plain RF step
+  python integration_flow.py --dataset digits                  # 16x16 digits, anchor by cross-attention
+  python integration_flow.py --dataset digits --anchor-input concat   # anchor as input channels
   python integration_flow.py --dataset cifar10 --data-dir data # the cifar10 preset below
   torchrun --nproc_per_node 8 integration_flow.py --dataset cifar10 --data-dir data
   python integration_flow.py --dataset cifar10 --mode eval --nfe 1,2 --fid-n 50000
@@ -76,8 +97,9 @@ class IntegrationFlow:
 
     def __init__(self, ode="rf", param="paper", distance="l2", huber_c=0.00054,
                  bank_update="output", vp_steps=1000, vp_schedule="linear", vp_betas=(1e-4, 0.02),
-                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5):
+                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5, anchor_input="concat"):
         self.ode, self.param, self.distance, self.huber_c = ode, param, distance, huber_c
+        self.anchor_input = anchor_input
         self.bank_update, self.N = bank_update, vp_steps
         self.smin, self.smax, self.sigma_data = sigma_min, sigma_max, sigma_data
         if vp_schedule == "linear":  # DDPM betas, scaled so any N gives the same process
@@ -106,7 +128,8 @@ class IntegrationFlow:
     def coeffs(self, time, ndim):
         """(alpha, sigma) with x_t = alpha x0 + sigma z, shaped to broadcast over data."""
         if self.ode == "vp":
-            abar = self.abar.to(time.device)[time.long()].float()
+            abar = torch.cat([self.abar, self.abar.new_zeros(1)])  # abar_N = 0: DDDM's sampling start
+            abar = abar.to(time.device)[time.long()].float()
             alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
         elif self.ode == "ve":
             alpha, sigma = torch.ones_like(time), time
@@ -125,7 +148,8 @@ class IntegrationFlow:
         """out = param(x_t, t, F(c_in x_t, t_net, anchor)); see the module docstring."""
         alpha, sigma = self.coeffs(time, x_t.ndim)
         c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt() if self.ode == "ve" else 1.0
-        F = net(c_in * x_t, self.net_time(time), extra=anchor)  # [reconstructed] VE input scaling
+        a = {"context" if self.anchor_input == "xattn" else "extra": anchor}
+        F = net(c_in * x_t, self.net_time(time), **a)  # [reconstructed] VE input scaling
         if self.param == "residual" or self.ode == "vp":
             return x_t - F
         if self.ode == "ve":
@@ -158,11 +182,15 @@ class IntegrationFlow:
 
     # ---- Algorithm 2: anchor iteration (and the labeled re-noising extension) ------------
     @torch.no_grad()
-    def sample(self, net, z, nfe=1, anchor=None, sampler="anchor", clip=False):
+    def sample(self, net, z, nfe=1, anchor=None, sampler="anchor", images=False):
         """x_T = sigma_T z; K = nfe anchor iterations a <- G(x_T, T, a). Returns (x0, info) with
-        info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration)."""
+        info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration).
+        images=True follows DDDM's image sampler: clamp to [-1, 1] after every iteration, and
+        VP starts at n = N (x_T = z, t_net = 1; one past the last trained index, as released)."""
         B, dev = z.shape[0], z.device
         time = self.level(1.0, B, dev)
+        if self.ode == "vp" and images:
+            time = torch.full((B,), float(self.N), device=dev)
         x_T = self.coeffs(time, z.ndim)[1] * z
         free = self.bank_update == "none"
         a = torch.zeros_like(z) if free else (torch.randn_like(z) if anchor is None else anchor)
@@ -176,7 +204,7 @@ class IntegrationFlow:
                 alpha, sigma = self.coeffs(time, z.ndim)
                 x_t = alpha * a + sigma * torch.randn_like(z)
             new = self.denoise(net, x_t, time, torch.zeros_like(z) if free else a).float()
-            new = new.clamp(-1, 1) if clip else new  # DDDM clamps image samples each iteration
+            new = new.clamp(-1, 1) if images else new  # DDDM clamps image samples each iteration
             changes.append((new - a).flatten(1).norm(dim=1).mean().item())
             a = new
         return a, {"nfe": nfe, "change": changes}
@@ -293,7 +321,7 @@ def sampler(args, run, data, net, method, changes=None):
     """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
     def sample_fn(n, nfe):
         z = torch.randn(n, *data.shape, device=run.device)
-        x, info = method.sample(net, z, nfe, sampler=args.sampler, clip=data.is_image)
+        x, info = method.sample(net, z, nfe, sampler=args.sampler, images=data.is_image)
         if changes is not None:
             changes.append(info["change"])
         return x, info["nfe"]
@@ -383,7 +411,17 @@ def build_method(args):
         raise common.UserError("--vp-steps must be >= 2, --conv-iters and --n-conv >= 1")
     return IntegrationFlow(args.ode, args.param, args.distance, args.huber_c, args.bank_update,
                            args.vp_steps, args.vp_schedule, betas, args.sigma_min, args.sigma_max,
-                           args.sigma_data)
+                           args.sigma_data, args.anchor_input)
+
+
+def anchor_input(args):
+    """--anchor-input: default xattn (DDDM) for the U-Net, concat where no cross-attention exists."""
+    if args.anchor_input is None:
+        args.anchor_input = "xattn" if args.arch == "unet" else "concat"
+    if args.anchor_input == "xattn" and args.arch != "unet":
+        raise common.UserError(f"--anchor-input xattn needs --arch unet (got '{args.arch}'; a 2-D point "
+                               "has no pixels to attend over): use --anchor-input concat")
+    return args.anchor_input
 
 
 def main(argv=None):
@@ -394,8 +432,13 @@ def main(argv=None):
     a("--param", default="paper", choices=("paper", "residual"),
       help="paper: per-ODE form in the docstring; residual: out = x_t - F for all")
     a("--bank-update", default="output", choices=("output", "data", "none"),
-      help="output: model's estimate (paper); data: x0 (released code, leaks the answer); "
+      help="output: the model's estimate (the paper's text); data: the clean x0 (the released code); "
+           "both banks converge to about x0 and give the same numbers; "
            "none: plain x0 regression without anchor (baseline)")
+    a("--anchor-input", default=None, choices=("concat", "xattn"),
+      help="xattn: x_t alone is the input, the anchor only cross-attention tokens without positions "
+           "(DDDM; default for --arch unet); concat: anchor as extra input channels (deviation; "
+           "default for mlp and dit, which have no cross-attention)")
     a("--bank-dtype", default="float32", choices=("float32", "float16"))
     a("--distance", default=None, choices=("pseudo-huber", "l2"))
     a("--huber-c", type=float, default=0.00054, help="pseudo-Huber c = huber_c * sqrt(dim) [reconstructed]")
@@ -417,10 +460,12 @@ def main(argv=None):
     if "rk45" in args.nfe_list:
         raise common.UserError("--nfe rk45 does not apply: Integration Flow has no ODE to solve, "
                                "--nfe is the number of anchor iterations")
+    xattn = anchor_input(args) == "xattn"
     method = build_method(args)
     run = common.Run(args)
     data = common.load_data(args)
-    net = common.build_net(args, data.shape, extra_ch=data.shape[0]).to(run.device)
+    net = common.build_net(args, data.shape, extra_ch=0 if xattn else data.shape[0],
+                           context_ch=data.shape[0] if xattn else 0).to(run.device)
     if args.mode == "train":
         train(args, run, data, net, method)
     elif args.mode == "bench":

@@ -881,6 +881,8 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
     floor, ceiling = digits_fd.floor_and_ceiling()
     same = digits_fd.report(held)
     assert abs(same["digits_fd"]) < 1e-3 and same["coverage"] == 10 and same["confidence"] > 0.9
+    half = digits_fd.report(train[750:])["digits_fd"]  # other real digits: near the floor
+    assert 0.5 * floor < half < 2 * floor
     blurred = digits_fd.report(F.avg_pool2d(train, 3, 1, 1))["digits_fd"]  # strokes smeared
     assert 0 < floor < blurred < ceiling and ceiling > 20 * floor
     one = digits_fd.report(train[:1].repeat(500, 1, 1, 1))  # a collapsed model: one digit
@@ -1443,6 +1445,96 @@ def test_images_folder_unet(tmp_path):
     assert s["samples"].shape == (4, 16, 16, 3) and int(s["nfe"]) == 2
 
 
+def test_xattn_unet_never_sees_anchor_pixel_positions():
+    """--anchor-input xattn (DDDM): the anchor enters only as cross-attention tokens without a
+    position embedding, so permuting its pixels leaves the output unchanged; concatenated
+    channels (the deviation) do see positions. The anchor still matters in both."""
+    torch.manual_seed(0)
+    x, t, a = torch.randn(2, 1, 16, 16), torch.rand(2), torch.randn(2, 1, 16, 16)
+    perm = torch.randperm(256)
+    a_perm = a.flatten(2)[:, :, perm].reshape(a.shape)
+    net = common.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16, context_ch=1).eval()
+    for p in net.parameters():  # undo the zero-init so that every path carries signal
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        out, out_perm = net(x, t, context=a), net(x, t, context=a_perm)
+        assert torch.allclose(out, out_perm, atol=1e-5)
+        assert (out - net(x, t, context=a + 2)).abs().max() > 1e-2  # it does read the anchor
+        assert net.conv_in.in_channels == 1  # x_t alone is the input
+    cat = common.UNet(1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16, extra_ch=1).eval()
+    for p in cat.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        assert (cat(x, t, extra=a) - cat(x, t, extra=a_perm)).abs().max() > 1e-2
+    # through the method: denoise() routes the anchor to context= only
+    m = IF.IntegrationFlow(ode="ve", anchor_input="xattn")
+    with torch.no_grad():
+        d1 = m.denoise(net, x, torch.full((2,), 3.0), a)
+        d2 = m.denoise(net, x, torch.full((2,), 3.0), a_perm)
+    assert torch.allclose(d1, d2, atol=1e-5)
+
+
+def test_unet_without_context_is_unchanged():
+    """context_ch = 0 (every other script) builds no cross-attention module: the parameters are
+    exactly those of the plain U-Net; context_ch > 0 only adds CrossAttnBlocks."""
+    kw = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), image_size=16)
+    plain, xa = common.UNet(3, **kw), common.UNet(3, context_ch=3, **kw)
+    assert plain.mid_xattn is None and not any(isinstance(m, common.CrossAttnBlock) for m in plain.modules())
+    cross = [n + "." for n, m in xa.named_modules() if isinstance(m, common.CrossAttnBlock)]
+    assert len(cross) == 4  # one 8x8 down block, two 8x8 up blocks, the middle
+    added = set(xa.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(xa.state_dict())
+    assert all(any(k.startswith(c) for c in cross) for k in added)
+
+
+def test_vp_image_sampler_follows_dddm():
+    """DDDM's image sampler: VP starts at n = N (x_T = z, t_net = 1) and clamps every
+    iteration; 2-D data starts at the last trained index N - 1 and is not clamped."""
+    z = torch.randn(3, 1, 4, 4)
+    m = IF.IntegrationFlow(ode="vp")
+    net = FakeNet(torch.full((3, 1, 4, 4), -5.0))  # out = x_T - F = x_T + 5
+    x, _ = m.sample(net, z, 2, images=True)
+    x_in, t_in, _ = net.calls[0]
+    assert torch.equal(x_in, z) and t_in.tolist() == [1.0, 1.0, 1.0]
+    assert torch.equal(x, torch.ones_like(z))  # clamped to [-1, 1]
+    net.calls.clear()
+    x, _ = m.sample(net, z, 1)
+    assert net.calls[0][1].tolist() == pytest.approx([0.999] * 3)
+    assert torch.allclose(x, m.abar[-1].sqrt().float() * 0 + (1 - m.abar[-1]).sqrt().float() * z + 5)
+
+
+@pytest.mark.parametrize("ode", ["vp", "ve", "rf"])
+@pytest.mark.parametrize("inp", ["xattn", "concat"])
+def test_images_train_and_sample_both_anchor_inputs(tmp_path, ode, inp):
+    """Training and sampling run for every forward process with either anchor input; the
+    checkpoint alone rebuilds the right network (the flag comes from its config)."""
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(g.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--dataset", "folder", "--data-dir", str(folder), "--preset", "tiny", "--width", "8",
+            "--batch-size", "4", "--steps", "2", "--ode", ode,
+            "--out-dir", str(out), "--n-conv", "2", "--conv-iters", "2", "--sample-every", "0"]
+    IF.main(argv + ["--anchor-input", inp])
+    state = common.load_checkpoint(str(out / "ckpt.pt"))["state"]["ema"]
+    assert any("mid_xattn" in k for k in state) == (inp == "xattn")
+    assert state["conv_in.weight"].shape[1] == (3 if inp == "xattn" else 6)
+    IF.main(["--ckpt", str(out / "ckpt.pt"), "--mode", "sample", "--n", "2", "--nfe", "1,2"])
+    s = np.load(out / "samples" / "nfe2.npz")
+    assert s["samples"].shape == (2, 16, 16, 3)
+
+
+def test_xattn_needs_unet(tmp_path):
+    with pytest.raises(common.UserError, match="2-D point"):
+        IF.main(small(tmp_path, "bad", "--steps", "1", "--anchor-input", "xattn"))
+    with pytest.raises(common.UserError, match="needs --arch unet"):
+        IF.main(["--dataset", "folder", "--data-dir", str(tmp_path), "--arch", "dit",
+                 "--anchor-input", "xattn", "--out-dir", str(tmp_path / "dit")])
+
+
 def test_bench_prints_ratio(tmp_path, capsys):
     IF.main(small(tmp_path, "bench", "--mode", "bench", "--nfe", "1"))
     assert "bench ratio: Integration Flow step / RF step" in capsys.readouterr().out
@@ -1578,23 +1670,66 @@ def test_teacher_no_grad_same_noise_same_dropout():
 
 
 def test_func_student_teacher_same_jittered_grid(monkeypatch):
-    grids, original = [], common.pixel_grid
-
-    def recording(*a, **k):
-        g = original(*a, **k)
-        grids.append(g)
-        return g
-    monkeypatch.setattr(common, "pixel_grid", recording)
+    """One jittered grid per loss, used by the skip term and F in both branches."""
+    grids, renders, original = [], [], common.pixel_grid
+    monkeypatch.setattr(common, "pixel_grid", lambda *a, **k: grids.append(original(*a, **k)) or grids[-1])
     torch.manual_seed(0)
     net = common.FuncGenerator(3, 8, 2, 32, 1, 4, dropout=0.3).train()
+    render = net.render
+    monkeypatch.setattr(net, "render", lambda fns, size=None, coords=None: renders.append(coords) or render(fns, size, coords))
     cf.ConsistencyTraining(100).loss(net, torch.randn(4, 3, 8, 8), k=0)
-    assert len(grids) == 2 and grids[0].shape == (4, 8, 8, 2)
-    assert torch.equal(grids[0], grids[1])
+    assert len(grids) == 1 and grids[0].shape == (4, 8, 8, 2)
+    assert len(renders) == 2 and all(c is grids[0] for c in renders)  # teacher and student
     base = original(8)
     assert 0 < (grids[0] - base).abs().max() <= 0.5 / 8 + 1e-7  # jitter clipped to 0.5/s
+    # the skip term reads x at the same jittered coordinates: with F = 0 (c_out ~ 0 at
+    # 5 sigma_min aside), f - c_out F = c_skip sample_at(x, grid)
+    x, sigma = torch.randn(4, 3, 8, 8), torch.full((4,), 1.0)
+    m = cf.ConsistencyTraining(100)
+    c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in m.scalings(sigma))
+    f = m.denoise(net, x, sigma, coords=grids[0])
+    F_ = net(c_in * x, 0.25 * sigma.log(), coords=grids[0])
+    assert torch.allclose(f, c_skip * common.sample_at(x, grids[0]) + c_out * F_, atol=1e-6)
     net.eval()
-    x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(net(x, torch.zeros(2)), net(x, torch.zeros(2)))  # no jitter at sampling
+    assert cf.ConsistencyTraining.train_coords(net, x) is None  # no jitter at sampling
+
+
+def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
+    """Issue 12 item 2: the skip term and F are evaluated through one interpolant of x at the
+    same coordinates, so the sample is one function of continuous coordinates. What holds:
+    (a) exactly: the 3x render's centre subgrid [1::3] contains the native pixel centres and
+    equals the native render (and the plain sampler) to float rounding; (b) average-pooling
+    a 2x/4x render back differs from the native render by no more than average-pooling the
+    bilinear interpolant of the native render does (+10%): pooling a bilinear interpolant is
+    not the identity (at 2x it is 3/4 u_j + 1/8 (u_(j-1) + u_(j+1)) per axis), which is the
+    only gap a single continuous function with bilinear local reads should leave. Measured
+    ratios 0.92-0.99; a skip term on another interpolant or grid than F fails (a)."""
+    torch.manual_seed(0)
+    net = common.FuncGenerator(3, 16, 2, 32, 2, 4).eval()
+    for p in net.parameters():  # leave the zero-init so that the output depends on the input
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.05)
+    m = cf.ConsistencyTraining(10)
+    for nfe in (1, 2):
+        z = torch.randn(4, 3, 16, 16)
+        torch.manual_seed(1)
+        _, info = m.sample(net, z, nfe, sizes=(32, 48, 64))
+        torch.manual_seed(1)
+        plain, _ = m.sample(net, z, nfe)
+        r, native = info["renders"], info["renders"][16]
+        assert torch.allclose(plain, native, atol=1e-6)
+        assert torch.allclose(r[48][..., 1::3, 1::3], native, atol=1e-5)
+        for s in (32, 64):
+            err = (F.avg_pool2d(r[s], s // 16) - native).abs().mean()
+            ref = (F.avg_pool2d(common.sample_at(native, common.pixel_grid(s)), s // 16) - native).abs().mean()
+            assert err <= 1.1 * ref, (nfe, s, err, ref)
+
+
+def test_sampling_sigmas_two_step_is_icts():
+    m = cf.ConsistencyTraining(100)
+    assert m.sampling_sigmas(1) == [80.0] and m.sampling_sigmas(2) == [80.0, 0.821]  # iCT
+    assert cf.ConsistencyTraining(100, two_step_sigma=1.5).sampling_sigmas(2) == [80.0, 1.5]
+    assert m.sampling_sigmas(3) == pytest.approx(cf.karras_sigmas(4).flip(0)[:3].tolist())
 
 
 # ---- the INR generator -----------------------------------------------------------------
@@ -1615,11 +1750,13 @@ def test_inr_renders_consistently_across_resolutions():
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         fns = net.generate(x, torch.zeros(3))
-        r1, r2 = net.render(fns, 16), net.render(fns, 32)
+        r1, r2, r3 = net.render(fns, 16), net.render(fns, 32), net.render(fns, 48)
         other = net.render(net.generate(torch.randn(3, 3, 16, 16), torch.zeros(3)), 16)
     assert torch.equal(r1, net(x, torch.zeros(3)))  # forward = render at the input size
-    err = (F.avg_pool2d(r2, 2) - r1).abs().mean() / r1.std()
-    assert err < 0.04, err  # (0.024 here; a half-pixel grid shift or a Nyquist-rate function: > 0.1)
+    # one function of the coordinates: the 3x grid holds the 1x pixel centres (a half-pixel
+    # shift of either grid fails this); pooled 2x/4x renders: see the NFE 1/2 sampling test
+    assert torch.allclose(r3[..., 1::3, 1::3], r1, atol=1e-5)
+    assert not torch.allclose(F.avg_pool2d(r2, 2), r1, atol=1e-3)  # 2x is a new evaluation
     assert (other - r1).abs().mean() / r1.std() > 0.1  # the function depends on the input
 
 
@@ -1651,31 +1788,57 @@ def _args(folder, out, *extra):
             "--sample-every", "0", "--log-every", "10", "--out-dir", str(out), *extra]
 
 
-def _recon_error(state, folder):
+def _folder_images(folder):
     args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
         ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny"]))
     data = common.load_data(args)
-    x = torch.stack([data.dataset[i][0] for i in range(len(data))])
+    return torch.stack([data.dataset[i][0] for i in range(len(data))])
+
+
+def _trained_func(state):
     net = common.FuncGenerator(3, 16, 2, 32, 2, 4).eval()
     net.load_state_dict(state)
+    return net
+
+
+def _noise_kept(net, x, sigma=0.1, draws=8):
+    """<f(x + sigma z, sigma) - x, sigma z> / ||sigma z||^2: the fraction of the input noise
+    left in the output (a network that ignores the noise keeps exactly c_skip(sigma))."""
+    m, torch_gen = cf.ConsistencyTraining(1), torch.Generator().manual_seed(0)
+    num = den = 0.0
     with torch.no_grad():
-        return cf.reconstruction_loss(net, x, cf.ConsistencyTraining(1))[0].item()
+        for _ in range(draws):
+            n = sigma * torch.randn(x.shape, generator=torch_gen)
+            out = m.denoise(net, x + n, torch.full((x.shape[0],), sigma))
+            num, den = num + ((out - x) * n).sum().item(), den + n.pow(2).sum().item()
+    return num / den
 
 
-def test_pretraining_reduces_reconstruction_error_and_resumes_exactly(tmp_path):
+def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
+    """Issue 12 items 3-4: the denoising warm start beats the per-pixel-mean floor, and the
+    trained generator keeps clearly less than c_skip(0.1) = 0.963 of the input noise at
+    sigma 0.1 (measured 0.83 after 80 steps; the Fourier-features-only generator kept
+    0.961). Denoise MSE at sigma 0.5 measured 0.038 vs the per-pixel-mean floor 0.084."""
     folder = _image_folder(tmp_path / "imgs")
+    x, m = _folder_images(folder), cf.ConsistencyTraining(1)
+    floor = (x - x.mean(0)).pow(2).mean().item()
     cf.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
-    before = _recon_error(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"], folder)
-    # A: 40 pre-training steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
-    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "40"))
+    init = _trained_func(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"])
+    # A: 80 warm-start steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
+    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3"))
     # B: the same run stopped at the phase boundary, then resumed
-    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "40"))
+    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "80", "--lr", "5e-3"))
     pre = common.load_checkpoint(str(tmp_path / "b/ckpt.pt"))
-    after = _recon_error(pre["state"]["net"], folder)
-    assert pre["step"] == 40 and after < 0.5 * before, (before, after)
-    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "40", "--resume"))
+    net = _trained_func(pre["state"]["net"])
+    before, after = cf.denoise_mse(init, x, m), cf.denoise_mse(net, x, m)
+    assert pre["step"] == 80 and after < 0.6 * min(before, floor), (before, after, floor)
+    c_skip = m.scalings(torch.tensor([0.1]))[0].item()
+    kept_init, kept = _noise_kept(init, x), _noise_kept(net, x)
+    assert abs(kept_init - c_skip) < 0.02, (kept_init, c_skip)  # untrained: F ignores the noise
+    assert kept < c_skip - 0.1, (kept, c_skip)  # 0.83 measured
+    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3", "--resume"))
     a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
-    assert a["step"] == b["step"] == 43
+    assert a["step"] == b["step"] == 83
     for key in ("net", "ema"):
         for name, v in a["state"][key].items():
             assert torch.equal(v, b["state"][key][name]), (key, name)
