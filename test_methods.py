@@ -1402,9 +1402,10 @@ def test_sampler_iterations_and_change_log():
 
 def test_toy_anchor_vs_plain_regression(tmp_path):
     """Measured on 8 gaussians (see the README): the one-step samples of Integration Flow
-    are NOT clearly closer to the data than plain x0 regression (both near the mean / the
-    random anchor), while iterating the anchor contracts (||a_(k+1) - a_k|| shrinks) and
-    moves the samples toward the data. This pins that behaviour."""
+    stay about as far from the data as their random N(0, I) anchors (the network returns its
+    anchor), plain x0 regression collapses toward the mean, and 16 anchor iterations do not
+    bring the samples to the data either (with the EMA warm-up the averaged weights are those
+    of the late, anchor-copying network; a lagging EMA of the early weights used to contract)."""
     ref = common.toy_sample("8gaussians", 2000, torch.Generator().manual_seed(1))[0]
     res = {}
     for mode in ("output", "none"):
@@ -1422,9 +1423,10 @@ def test_toy_anchor_vs_plain_regression(tmp_path):
             res["contract"] = changes[-1] / changes[0]
     print(res)
     assert res["none"][1] > 0.8  # plain x0 regression collapses toward the mean
-    assert res["output"][1] > 0.8 * res["none"][1]  # one step: not clearly better
-    assert res["output"][16] < 0.9 * res["output"][1]  # the anchor iteration helps
-    assert res["contract"] < 0.5  # and contracts
+    anchors = common.sliced_wasserstein(torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)), ref)
+    assert res["output"][1] > 0.8 * anchors  # one step: about where the random anchors are
+    assert res["output"][16] > 0.8 * anchors  # iterating the anchor does not reach the data
+    assert res["none"][1] > res["output"][1]  # copying a random anchor beats collapsing to the mean
 
 
 def test_images_folder_unet(tmp_path):
