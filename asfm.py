@@ -220,6 +220,11 @@ def init_from_rf(args, run, net):
     run.print(f"initialized from the EMA weights of {path}")
 
 
+def made_with(args):
+    """What offline reflow pairs depend on, stored with them (stale pairs are refused)."""
+    return {"n": args.reflow_pairs, "nfe": args.reflow_nfe, "seed": args.seed, "init": str(args.init)}
+
+
 def reflow_pairs(args, run, teacher, data):
     """Offline reflow: --reflow-pairs fixed pairs (z, x1') from the frozen teacher. Batch j (of
     --batch-size pairs, noise seeded by (seed, j)) is made by rank j mod world and kept on the
@@ -245,7 +250,7 @@ def reflow_pairs(args, run, teacher, data):
                 shard = torch.load(f"{path}.rank{r}", mmap=True, weights_only=True)
                 for j, z, x1 in zip(shard["batches"], shard["z"], shard["x1"]):
                     z_all[j * B: j * B + len(z)], x_all[j * B: j * B + len(z)] = z, x1
-            common.save_atomic({"z": z_all, "x1": x_all}, path)
+            common.save_atomic({"z": z_all, "x1": x_all, "made_with": made_with(args)}, path)
             del z_all, x_all
             for r in range(run.world):
                 os.remove(f"{path}.rank{r}")
@@ -255,9 +260,12 @@ def reflow_pairs(args, run, teacher, data):
             torch.distributed.barrier()
     try:
         pairs = torch.load(path, mmap=True, weights_only=True)
-        n = len(pairs["z"])
+        n, made = len(pairs["z"]), pairs.get("made_with")
     except Exception:  # noqa: BLE001
         raise common.UserError(f"cannot read {path}: delete it to generate the pairs again") from None
+    if made != made_with(args):  # e.g. a rerun with --overwrite and another --reflow-pairs
+        raise common.UserError(f"{path} was made with {made}, this run asks for {made_with(args)}: "
+                               "delete it (or use another --out-dir) to generate the pairs again")
     return pairs["z"], common.Data("reflow-pairs", data.shape, 0, x=pairs["x1"],
                                    y=torch.zeros(n, dtype=torch.long))
 

@@ -1134,6 +1134,9 @@ def test_offline_reflow_pairs_split_over_two_ranks_match_one(tmp_path):
     torch.manual_seed(0)  # --init none: the teacher is the net as built after seeding
     teacher = common.build_net(make_args(["--width", "16"]), (2,))
     assert torch.allclose(asfm.RectifiedFlow.sample(teacher, one["z"][:5], 3)[0], one["x1"][:5], atol=1e-6)
+    # a rerun into the same folder that asks for other pairs does not silently reuse these
+    with pytest.raises(common.UserError, match="reflow_pairs.pt was made with"):
+        asfm.main(argv[:7] + ["200"] + argv[8:] + ["--out-dir", str(tmp_path / "one"), "--overwrite"])
 
 
 def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
