@@ -334,11 +334,12 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, residual, output /sqrt(2)."""
+    """Single-head self-attention over the H*W positions, residual, output /sqrt(2). `norm`
+    builds the normalization (DDPM++/NCSN++'s AttnBlockpp is this block with its GroupNorm)."""
 
-    def __init__(self, c):
+    def __init__(self, c, norm=None):
         super().__init__()
-        self.norm, self.qkv, self.proj = _norm(c), nn.Conv2d(c, 3 * c, 1), zero_(nn.Conv2d(c, c, 1))
+        self.norm, self.qkv, self.proj = (norm or _norm)(c), nn.Conv2d(c, 3 * c, 1), zero_(nn.Conv2d(c, c, 1))
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -459,20 +460,6 @@ class BigGANBlock(nn.Module):
         return (self.skip(self.resample(x)) + h) / math.sqrt(2)
 
 
-class AttnPP(nn.Module):
-    """NCSN++'s AttnBlockpp: single-head attention, GroupNorm(min(C/4, 32)), output /sqrt(2)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.norm, self.qkv, self.proj = _gn(c), nn.Conv2d(c, 3 * c, 1), zero_(nn.Conv2d(c, c, 1))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return (x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))) / math.sqrt(2)
-
-
 class DDPMpp(nn.Module):
     """DDPM++ as in NCSN++'s code with RF's CIFAR-10 config (Song et al. 2021; Liu et al. 2023):
     BigGAN-style residual resampling blocks (avg-pool down, nearest up, fir=False), additive
@@ -490,14 +477,14 @@ class DDPMpp(nn.Module):
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([BigGANBlock(c, ch * mult, emb, dropout)]
-                                               + ([AttnPP(ch * mult)] if res in attn_res else [])))
+                                               + ([AttnBlock(ch * mult, _gn)] if res in attn_res else [])))
                 c = ch * mult
                 skips.append(c)
             if level < len(ch_mult) - 1:
                 self.down.append(nn.ModuleList([BigGANBlock(c, c, emb, dropout, down=True)]))
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([BigGANBlock(c, c, emb, dropout), AttnPP(c),
+        self.mid = nn.ModuleList([BigGANBlock(c, c, emb, dropout), AttnBlock(c, _gn),
                                   BigGANBlock(c, c, emb, dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
@@ -505,7 +492,7 @@ class DDPMpp(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(BigGANBlock(c + skips.pop(), ch * mult, emb, dropout))
                 c = ch * mult
-            self.up.append(nn.ModuleList(blocks + ([AttnPP(c)] if res in attn_res else [])))
+            self.up.append(nn.ModuleList(blocks + ([AttnBlock(c, _gn)] if res in attn_res else [])))
             if level > 0:
                 self.up.append(nn.ModuleList([BigGANBlock(c, c, emb, dropout, up=True)]))
                 res *= 2
@@ -523,7 +510,7 @@ class DDPMpp(nn.Module):
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
         for layer in self.up:
             for m in layer:
-                if isinstance(m, AttnPP):
+                if isinstance(m, AttnBlock):
                     h = m(h)
                 elif m.up:
                     h = m(h, emb)
