@@ -39,6 +39,7 @@ Commands:
 import argparse
 import copy
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -47,10 +48,24 @@ import torch.nn.functional as F
 
 import common
 
+# common.PRESETS plus this method's recipe (command-line flags win): reflow/ASFM steps, 1-RF steps
+# (rf_steps, the --steps of --stage rf), memory. [reconstructed] ASFM steps, freq, lr and r1; 1-RF
+# follows RF's optimizer recipe (Adam 2e-4) on our DDPM-style U-Net (38.3M), not RF's DDPM++ (62M).
+PRESETS = {
+    "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
+                reflow_pairs=20_000, ema_decay=0.995),
+    "tiny": dict(common.PRESETS["tiny"], steps=1000, rf_steps=2000, mem_size=16, freq=4, r1=0.01,
+                 reflow_pairs=4096),
+    "cifar10": dict(common.PRESETS["cifar10"], steps=100_000, rf_steps=800_000, mem_size=512,
+                    freq=10, r1=0.01, reflow_pairs=1_000_000),
+    "celeba64": dict(common.PRESETS["celeba64"], steps=100_000, rf_steps=500_000, mem_size=64,
+                     freq=10, r1=0.01, reflow_pairs=1_000_000),
+}
+
+
 #################################################################################
 #                      Rectified flow (1-RF and reflow)                         #
 #################################################################################
-
 
 def expand(t, x):
     """Per-sample t [B] -> broadcastable against x [B, ...]."""
@@ -86,10 +101,9 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(net, x0, nfe=1, y=None, t0=0.0, t1=1.0, return_traj=False):
         """Euler with `nfe` steps, or RK45 for nfe='rk45'; t1 < t0 inverts (data -> noise)."""
-        v = lambda x, t: net(x, t, y).float()  # noqa: E731
-        if nfe == "rk45":
-            return common.integrate(v, x0, None, "rk45", t0, t1, return_traj=return_traj)
-        return common.integrate(v, x0, nfe, "euler", t0, t1, return_traj=return_traj)
+        v, rk45 = (lambda x, t: net(x, t, y).float()), nfe == "rk45"
+        return common.integrate(v, x0, None if rk45 else nfe, "rk45" if rk45 else "euler", t0, t1,
+                                return_traj=return_traj)
 
 
 #################################################################################
@@ -122,10 +136,9 @@ class TrainingMemory:
 
     def load_state_dict(self, sd):
         if sd["z"].shape != self.z.shape:
-            raise common.UserError(
-                f"the checkpoint's training memory is {tuple(sd['z'].shape[:2])} (--mem-size, "
-                f"batch per rank), this run's is {tuple(self.z.shape[:2])}: resume with the "
-                "--mem-size, --batch-size and number of processes it was written with")
+            raise common.UserError(f"the checkpoint's training memory is {tuple(sd['z'].shape[:2])} (--mem-size, "
+                                   f"batch per rank), this run's is {tuple(self.z.shape[:2])}: resume with the "
+                                   "--mem-size, --batch-size and number of processes it was written with")
         self.z.copy_(sd["z"]), self.x1.copy_(sd["x1"])
         self.oldest, self.filled = sd["oldest"], sd["filled"]
 
@@ -178,6 +191,38 @@ class ASFM:
             loss = loss + 0.5 * self.r1 * r1
         return loss, {"d": loss.detach(), "r1": r1.detach()}
 
+    def train_step(self, net, D, opt_d, memory, real, update, generate=None, autocast=nullcontext(),
+                   world=1):
+        """One step of Algorithm 1 (used by train, bench and toy2d.py): G on memory pairs, D frozen,
+        update(loss) steps G; D on real() vs x_hat; with generate (every --freq steps) the newest
+        self-generated batch replaces the oldest. Returns (generator loss, logs)."""
+        D.requires_grad_(False)
+        with autocast:
+            loss, logs, x_hat = self.generator_loss(net, D, *memory.sample(memory.z.shape[1]))
+        D.requires_grad_(True)
+        update(loss)
+        x_real = real()
+        with autocast:
+            loss_d, logs_d = self.discriminator_loss(D, x_real, x_hat)
+        step_discriminator(opt_d, loss_d, D, world)
+        if generate is not None:
+            memory.refresh(generate)
+        return loss, {**logs, **logs_d}
+
+
+def step_discriminator(opt_d, loss_d, D, world=1):
+    """D update. D is not wrapped in DDP (R1 needs a double backward), so with world > 1
+    ranks its gradients are averaged by hand: one all_reduce over all of them, flattened."""
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    if world > 1:
+        grads = [p.grad for p in D.parameters()]
+        flat = torch.cat([g.flatten() for g in grads]).div_(world)
+        torch.distributed.all_reduce(flat)
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
+    opt_d.step()
+
 
 def generator(net, shape, nfe, device, precision=nullcontext, source=None):
     """generate(n) -> (z, x1') with the current weights: Euler `nfe` steps from z, inside a
@@ -197,40 +242,13 @@ def generator(net, shape, nfe, device, precision=nullcontext, source=None):
 #                                 Training loop                                 #
 #################################################################################
 
-def init_from_rf(args, run, net):
-    """Reflow and ASFM start from a 1-RF checkpoint's EMA weights (--init), or from random
-    weights with --init none. --init auto uses runs/asfm-rf-<dataset>-<preset>/ckpt.pt and
-    trains that 1-RF first if it is not there yet."""
-    if args.init == "none":
-        run.print("--init none: starting from random weights (ablation)")
-        return
-    path = args.init
-    if path == "auto":
-        path = os.path.join(os.path.dirname(args.out_dir), f"asfm-rf-{args.dataset}-{args.preset}", "ckpt.pt")
-        if not os.path.isfile(path) or common.load_checkpoint(path)["step"] < args.rf_steps:
-            run.print(f"training 1-RF first ({args.rf_steps} steps) into {os.path.dirname(path)}")
-            rf_args = copy.copy(args)
-            rf_args.stage, rf_args.steps, rf_args.resume = "rf", args.rf_steps, True
-            rf_args.method = "asfm-rf"
-            rf_args.out_dir, rf_args.ckpt = os.path.dirname(path), path
-            run.args = rf_args  # the run logs and checkpoints into the 1-RF folder meanwhile
-            train(rf_args, run, common.load_data(args), net)
-            run.args, run.saved_step = args, None
-    common.load_weights(net, path, device=run.device)
-    run.print(f"initialized from the EMA weights of {path}")
-
-
-def made_with(args):
-    """What offline reflow pairs depend on, stored with them (stale pairs are refused)."""
-    return {"n": args.reflow_pairs, "nfe": args.reflow_nfe, "seed": args.seed, "init": str(args.init)}
-
-
 def reflow_pairs(args, run, teacher, data):
     """Offline reflow: --reflow-pairs fixed pairs (z, x1') from the frozen teacher. Batch j (of
     --batch-size pairs, noise seeded by (seed, j)) is made by rank j mod world and kept on the
     CPU; rank 0 joins the ranks' shards into <out-dir>/reflow_pairs.pt, which every rank then
     memory-maps (one copy in the machine's page cache, none on a GPU). 1 or 8 ranks: same pairs."""
-    path = os.path.join(args.out_dir, "reflow_pairs.pt")
+    path = os.path.join(args.out_dir, "reflow_pairs.pt")  # stored with what made it (stale pairs are refused)
+    made_with = {"n": args.reflow_pairs, "nfe": args.reflow_nfe, "seed": args.seed, "init": str(args.init)}
     if not os.path.isfile(path):
         n, B = args.reflow_pairs, args.batch_size
         mine = list(range(run.rank, -(-n // B), run.world))
@@ -250,7 +268,7 @@ def reflow_pairs(args, run, teacher, data):
                 shard = torch.load(f"{path}.rank{r}", mmap=True, weights_only=True)
                 for j, z, x1 in zip(shard["batches"], shard["z"], shard["x1"]):
                     z_all[j * B: j * B + len(z)], x_all[j * B: j * B + len(z)] = z, x1
-            common.save_atomic({"z": z_all, "x1": x_all, "made_with": made_with(args)}, path)
+            common.save_atomic({"z": z_all, "x1": x_all, "made_with": made_with}, path)
             del z_all, x_all
             for r in range(run.world):
                 os.remove(f"{path}.rank{r}")
@@ -263,90 +281,77 @@ def reflow_pairs(args, run, teacher, data):
         n, made = len(pairs["z"]), pairs.get("made_with")
     except Exception:  # noqa: BLE001
         raise common.UserError(f"cannot read {path}: delete it to generate the pairs again") from None
-    if made != made_with(args):  # e.g. a rerun with --overwrite and another --reflow-pairs
-        raise common.UserError(f"{path} was made with {made}, this run asks for {made_with(args)}: "
+    if made != made_with:  # e.g. a rerun with --overwrite and another --reflow-pairs
+        raise common.UserError(f"{path} was made with {made}, this run asks for {made_with}: "
                                "delete it (or use another --out-dir) to generate the pairs again")
     return pairs["z"], common.Data("reflow-pairs", data.shape, 0, x=pairs["x1"],
                                    y=torch.zeros(n, dtype=torch.long))
 
 
-def step_discriminator(opt_d, loss_d, D, run):
-    """D update. D is not wrapped in DDP (R1 needs a double backward), so its gradients are
-    averaged over ranks by hand."""
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    if run.ddp:  # one all_reduce over all of D's gradients, flattened
-        grads = [p.grad for p in D.parameters()]
-        flat = torch.cat([g.flatten() for g in grads]).div_(run.world)
-        torch.distributed.all_reduce(flat)
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
-    opt_d.step()
-
-
 def train(args, run, data, net):
-    rf = RectifiedFlow()
+    """One loop for the three stages; the stage's step is picked before it. Reflow and ASFM start
+    from the EMA weights of the 1-RF checkpoint --init (main resolves auto), or random (none)."""
     if args.stage != "rf":
-        run.check_run_folder()  # before --init auto trains a 1-RF for hours
-        init_from_rf(args, run, net)
+        if args.init != "none":
+            common.load_weights(net, args.init, device=run.device)
+        run.print(f"initialized from the EMA weights of {args.init}" if args.init != "none" else
+                  "--init none: starting from random weights (ablation)")
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    state, train_data = dict(net=net, ema=ema, opt=opt), data
+    state, rf, B, memory = dict(net=net, ema=ema, opt=opt), RectifiedFlow(), run.local_batch, None
+    flip = common.random_hflip if args.hflip and data.is_image else (lambda x: x)
     if args.stage == "reflow":
         teacher = copy.deepcopy(net).eval().requires_grad_(False)  # frozen previous flow
         if args.reflow_mode == "offline":
-            z_all, train_data = reflow_pairs(args, run, teacher, data)
+            z_all, pairs = reflow_pairs(args, run, teacher, data)
         else:
             teach = generator(teacher, data.shape, args.reflow_nfe, run.device, run.sampling)
     if args.stage == "asfm":
-        asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
+        method = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
         torch.manual_seed(args.seed + 1)  # the same D on every rank, whatever ran before
         D = make_discriminator(data.shape, args.width).to(run.device)
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
-        memory = TrainingMemory(args.mem_size, run.local_batch, data.shape, run.device)
+        memory = TrainingMemory(args.mem_size, B, data.shape, run.device)
         generate = generator(net, data.shape, args.mem_nfe, run.device, run.train_precision)
         state.update(D=D, opt_d=opt_d)
     start, _, local = run.resume(**state)
-    if args.stage == "asfm":
-        if local is not None:
-            memory.load_state_dict(local)
-        else:
-            for _ in range(args.mem_size):
-                memory.refresh(generate)
+    for _ in range(args.mem_size if memory is not None and local is None else 0):
+        memory.refresh(generate)  # a fresh run fills the memory; a resumed one reloads it
+    if local is not None:
+        memory.load_state_dict(local)
     model = run.wrap(net)
-    stream = iter(common.ResumableBatches(train_data, run.local_batch, run, args.seed, start, args.workers))
-    real = iter(common.ResumableBatches(data, run.local_batch, run, args.seed + 1, start, args.workers))
-    for step in range(start, args.steps):
-        x1, _, idx = next(stream)
-        if args.hflip and data.is_image and args.stage == "rf":
-            x1 = common.random_hflip(x1)
+    batches = lambda d, seed: iter(common.ResumableBatches(d, B, run, seed, start, args.workers))  # noqa: E731
+
+    def rf_step(step, x0, x1):  # L_RF on (x0, x1): noise (None: drawn in the loss) and data, or a pair
         with run.autocast:
-            if args.stage == "rf":
-                loss, logs = rf.loss(model, x1)
-            elif args.stage == "reflow":
-                z, x1 = ((z_all[idx.cpu()].to(run.device, non_blocking=True), x1)
-                         if args.reflow_mode == "offline" else teach(run.local_batch))
-                loss, logs = rf.loss(model, x1, x0=z)
-            else:
-                D.requires_grad_(False)
-                loss, logs, x_hat = asfm.generator_loss(model, D, *memory.sample(run.local_batch))
-                D.requires_grad_(True)
+            loss, logs = rf.loss(model, x1, x0=x0)
         common.optimize(opt, loss, net, args, step)
-        if args.stage == "asfm":
-            x_real = next(real)[0]
-            x_real = common.random_hflip(x_real) if args.hflip and data.is_image else x_real
-            with run.autocast:
-                loss_d, logs_d = asfm.discriminator_loss(D, x_real, x_hat)
-            step_discriminator(opt_d, loss_d, D, run)
-            logs.update(logs_d)
-            if run.due(step + 1, args.freq):
-                memory.refresh(generate)  # newest self-generated batch replaces the oldest
+        return loss, logs
+    if args.stage == "rf":
+        stream = batches(data, args.seed)
+        step_fn = lambda step: rf_step(step, None, flip(next(stream)[0]))  # noqa: E731
+    elif args.stage == "reflow" and args.reflow_mode == "offline":
+        stream = batches(pairs, args.seed)
+
+        def step_fn(step):  # each pair's noise z is found by its index
+            x1, _, idx = next(stream)
+            return rf_step(step, z_all[idx.cpu()].to(run.device, non_blocking=True), x1)
+    elif args.stage == "reflow":
+        step_fn = lambda step: rf_step(step, *teach(B))  # noqa: E731  online: fresh teacher pairs
+    else:
+        real = batches(data, args.seed + 1)
+        step_fn = lambda step: method.train_step(  # noqa: E731
+            model, D, opt_d, memory, lambda: flip(next(real)[0]),
+            lambda loss: common.optimize(opt, loss, net, args, step),
+            generate if run.due(step + 1, args.freq) else None, run.autocast, run.world)
+    for step in range(start, args.steps):
+        loss, logs = step_fn(step)
         ema.update(net, step)
         run.log(step + 1, loss, **logs)
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
-            run.save(step + 1, local=memory.state_dict() if args.stage == "asfm" else None, **state)
+            run.save(step + 1, local=memory.state_dict() if memory is not None else None, **state)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, sampler(ema.model, data, run), run)
+            common.write_samples(args, data, sampler(args, run, data, ema.model), run)
         if run.master and run.due(step + 1, args.eval_every):
             evaluate(args, run, data, ema.model)
     return ema
@@ -356,12 +361,11 @@ def train(args, run, data, net):
 #                       Sampling, evaluation, editing, bench                    #
 #################################################################################
 
-def sampler(net, data, run):
+def sampler(args, run, data, net, method=RectifiedFlow):
     """sample_fn(n, nfe) -> (x1, NFE used) from noise, for common.write_samples/evaluate."""
     def sample_fn(n, nfe):
-        z = torch.randn(n, *data.shape, device=run.device)
         with run.sampling():  # --eval-amp: fp32 unless asked otherwise
-            x, info = RectifiedFlow.sample(net, z, nfe)
+            x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe)
         return x.float(), info["nfe"]
     return sample_fn
 
@@ -370,7 +374,7 @@ def evaluate(args, run, data, net):
     """Per NFE (and RK45): FID/IS/precision/recall on images or 2-D distances; straightness S
     (RF Eq. 3, Euler 100); and one figure with the same noise sampled at every NFE."""
     nfes = list(dict.fromkeys(args.nfe_list + ["rk45"]))
-    results = common.evaluate(args, run, data, sampler(net, data, run), nfes)
+    results = common.evaluate(args, run, data, sampler(args, run, data, net), nfes)
     z = torch.randn(min(args.fid_n, 2000) if not data.is_image else 64, *data.shape, device=run.device)
     with run.sampling():
         S = common.straightness(lambda x, t: net(x, t).float(), z)
@@ -407,9 +411,8 @@ def edit(args, run, data, net):
     z_mix = torch.where(left, z[0], z[1])[None]
     z_mix = (z_mix + args.edit_noise * torch.randn_like(z_mix)) / (1 + args.edit_noise**2) ** 0.5
     out, info = RectifiedFlow.sample(net, z_mix, nfe)                        # noise -> data
-    naive = torch.where(left, x[0], x[1])[None]
     path = os.path.join(args.out_dir, f"edit_{ia}_{ib}.png")
-    common.save_image_grid(torch.cat([x, naive, out]), path, nrow=4)
+    common.save_image_grid(torch.cat([x, torch.where(left, x[0], x[1])[None], out]), path, nrow=4)
     run.print(f"wrote {path}: image a, image b, pixel stitch, ASFM edit (NFE {info['nfe']} each way)")
 
 
@@ -420,32 +423,25 @@ def bench(args, run, data, net):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     D = make_discriminator(data.shape, args.width).to(run.device)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
-    asfm = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
+    method = ASFM(rf, args.lambda_fm, args.lambda_adv, args.same_t, args.r1)
     memory = TrainingMemory(2, run.local_batch, data.shape, run.device)
     generate = generator(net, data.shape, args.mem_nfe, run.device, run.train_precision)
     memory.refresh(generate)
-    counter = [0]
+    update, steps = (lambda loss: common.optimize(opt, loss, net, args, 10**6)), [0]
 
     def rf_step():
         with run.autocast:
-            loss, _ = rf.loss(net, x1)
-        common.optimize(opt, loss, net, args, 10**6)
+            update(rf.loss(net, x1)[0])
 
-    def asfm_step():
-        with run.autocast:
-            loss, _, x_hat = asfm.generator_loss(net, D, *memory.sample(run.local_batch))
-        common.optimize(opt, loss, net, args, 10**6)
-        with run.autocast:
-            loss_d, _ = asfm.discriminator_loss(D, x1, x_hat)
-        step_discriminator(opt_d, loss_d, D, run)
-        counter[0] += 1
-        if counter[0] % args.freq == 0:
-            memory.refresh(generate)
+    def asfm_step():  # the memory refresh comes every --freq steps, as in training
+        steps[0] += 1
+        method.train_step(net, D, opt_d, memory, lambda: x1, update,
+                          generate if steps[0] % args.freq == 0 else None, run.autocast, run.world)
 
     iters = max(10, 2 * args.freq)
-    t_rf = common.benchmark(run, rf_step, sampler(net, data, run), [], run.local_batch, iters)["step_s"]
+    t_rf = common.benchmark(run, rf_step, sampler(args, run, data, net), [], run.local_batch, iters)["step_s"]
     run.print("(above: 1-RF; below: ASFM)")
-    t_asfm = common.benchmark(run, asfm_step, sampler(net, data, run), args.nfe_list,
+    t_asfm = common.benchmark(run, asfm_step, sampler(args, run, data, net), args.nfe_list,
                               run.local_batch, iters)["step_s"]
     run.print(f"bench ASFM / 1-RF step time: {t_asfm / t_rf:.2f}x (memory refresh of Euler "
               f"{args.mem_nfe} amortized over --freq {args.freq}; same-t {args.same_t})")
@@ -455,25 +451,9 @@ def bench(args, run, data, net):
 #                                      CLI                                      #
 #################################################################################
 
-# Per preset: steps of the reflow/ASFM stage, steps of the 1-RF stage (rf_steps), memory.
-# [reconstructed] ASFM steps, freq, lr and r1; 1-RF follows RF's optimizer recipe (Adam 2e-4) on
-# our DDPM-style U-Net (38.3M), not RF's DDPM++ (~62M).
-PRESETS = {
-    "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
-                reflow_pairs=20_000, ema_decay=0.995),
-    "tiny": dict(common.PRESETS["tiny"], steps=1000, rf_steps=2000, mem_size=16, freq=4, r1=0.01,
-                 reflow_pairs=4096),
-    "cifar10": dict(common.PRESETS["cifar10"], steps=100_000, rf_steps=800_000, mem_size=512,
-                    freq=10, r1=0.01, reflow_pairs=1_000_000),
-    "celeba64": dict(common.PRESETS["celeba64"], steps=100_000, rf_steps=500_000, mem_size=64,
-                     freq=10, r1=0.01, reflow_pairs=1_000_000),
-}
-
-
-def main(argv=None):
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, modes=("train", "sample", "eval", "bench", "edit"))
-    a = parser.add_argument
+    a = parser.add_argument_group("asfm.py (the common flags follow)").add_argument
     a("--stage", default="asfm", choices=("rf", "reflow", "asfm"))
     a("--init", default="auto", help="1-RF checkpoint for reflow/asfm; 'none' = random init; "
       "'auto' = runs/asfm-rf-<dataset>-<preset>/ckpt.pt (trained first if missing)")
@@ -491,14 +471,35 @@ def main(argv=None):
     a("--reflow-pairs", type=int, default=None, help="number of fixed pairs (offline reflow)")
     a("--edit-index", default="0,1", help="two dataset indices for --mode edit")
     a("--edit-noise", type=float, default=0.1, help="noise added to the stitched latent")
+    common.add_common_args(parser, modes=("train", "sample", "eval", "bench", "edit"))
     args = common.parse_args(parser, argv)
-    presets = {k: dict(v, steps=v["rf_steps"], ema_decay=common.PRESETS[k]["ema_decay"])
-               if args.stage == "rf" else v for k, v in PRESETS.items()}
-    args = common.finish_args(args, presets, method=f"asfm-{args.stage}")
+    presets = {k: dict(v, steps=v["rf_steps"]) if args.stage == "rf" else v for k, v in PRESETS.items()}
+    args = common.finish_args(args, presets, method=f"asfm-{args.stage}",
+                              name="asfm" if args.stage == "asfm" else f"asfm-{args.stage}")
     common.check_steps(args)
     if min(args.mem_size, args.mem_nfe, args.freq) <= 0:
         raise common.UserError("--mem-size, --mem-nfe and --freq must be positive")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
     run = common.Run(args)
+    if args.mode == "train" and args.stage != "rf" and args.init == "auto":
+        run.check_run_folder()  # before a 1-RF trains for hours
+        rf_dir = os.path.join(os.path.dirname(args.out_dir), f"asfm-rf-{args.dataset}-{args.preset}")
+        args.init = os.path.join(rf_dir, "ckpt.pt")
+        if not os.path.isfile(args.init) or common.load_checkpoint(args.init)["step"] < args.rf_steps:
+            rf_argv = argv + ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
+            run.print("--init auto: training the 1-RF first: python asfm.py " + " ".join(rf_argv))
+            rf_args = parse(rf_argv)
+            launch(rf_args, common.Run(rf_args))
+    launch(args, run)
+    run.close()
+
+
+def launch(args, run):
     data = common.load_data(args)
     net = common.build_net(args, data.shape).to(run.device)
     run.print(f"asfm.py stage {args.stage}: {args.arch} with {common.count_params(net) / 1e6:.2f}M "
@@ -511,12 +512,11 @@ def main(argv=None):
         common.load_weights(net, args.ckpt, args.weights, run.device)
         net.eval()
         if args.mode == "sample":
-            common.write_samples(args, data, sampler(net, data, run), run)
+            common.write_samples(args, data, sampler(args, run, data, net), run)
         elif args.mode == "eval":
             evaluate(args, run, data, net)
         else:
             edit(args, run, data, net)
-    run.close()
 
 
 if __name__ == "__main__":

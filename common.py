@@ -1,22 +1,31 @@
 """
 Shared machinery for the four method scripts (asfm.py, integration_flow.py,
-consistency_func.py, scoreflow.py) and toy2d.py. Nothing method-specific lives here.
+consistency_func.py, scoreflow.py) and toy2d.py: networks, samplers, data, metrics and
+training plumbing. The methods themselves (losses, sampling rules, recipes) live in their
+scripts; what is here is generic, except the networks' optional inputs that one method needs
+(a U-Net's cross-attention context for Integration Flow, the INR generator of CM-Func).
 
-Sections, in order:
-  1. CLI: the one flag set every script shares, presets, errors for bad input
-  2. Networks: UNet (DDPM-style), DDPMpp (RF's DDPM++), DiT (adaLN-Zero), MLP for 2-D, INR generator
-  3. ODE samplers: Euler, Heun, Dormand-Prince RK45 (forward and backward in t), straightness
-  4. Data: cifar10, celeba, image folders, 2-D toys, a user's points; resumable batches
-  5. Evaluation: FID / IS / precision-recall (TF-ported Inception), 2-D distances
-  6. Training plumbing: run setup (device, bf16, TF32, DDP), EMA, atomic checkpoints,
-     exact resume, logging, NaN guard, image and sample export, benchmarking
+Sections, in order (each has a banner):
+  1.  CLI: the flags every script shares, presets, checkpoint configs, one-line errors
+  2.  Networks: UNet (DDPM-style), DDPMpp (RF's DDPM++), DiT (adaLN-Zero), MLP for 2-D,
+      FuncGenerator (INR image functions, built by consistency_func.py)
+  3.  ODE samplers: Euler and Dormand-Prince RK45 (forward and backward in t), straightness
+  4.  Data: cifar10, celeba, digits, image folders, 2-D toys, a user's points; resumable batches
+  5a. FID Inception: the TF graph of the FID paper, as in pytorch-fid
+  5b. FID, Inception Score, precision and recall; 2-D distances
+  5c. digits-FD: a Frechet distance on a small digit classifier (no Inception needed)
+  6.  Training plumbing: run setup (device, bf16, TF32, DDP), EMA, atomic checkpoints, exact
+      resume, logging, NaN guard
+  7.  Samples, images and benchmarks: grids, sample export, evaluation per NFE, timing
 
-Conventions (all files): images are float in [-1, 1], NCHW; 2-D data is [N, 2].
-Networks are called net(x, t, y=None, extra=None): t is a float tensor of shape [B]
-(flow time in [0, 1], or a noise embedding such as 0.25 ln sigma); networks multiply it
-by 1000 before their sin-cos embedding. y are class labels (index num_classes is the
-null class used for classifier-free guidance); `extra` is concatenated to the input
-channels (Integration Flow feeds its anchor this way).
+Conventions (all files): images are float in [-1, 1], NCHW; 2-D data is [N, 2]; x0 = noise
+(or source), x1 = data; flows run from t = 0 (noise) to t = 1 (data).
+Networks are called net(x, t, y=None, extra=None, context=None): t is a float tensor of
+shape [B] (flow time in [0, 1], or a noise embedding such as 0.25 ln sigma); networks
+multiply it by 1000 before their sin-cos embedding. y are class labels (index num_classes is
+the null class used for classifier-free guidance); `extra` is concatenated to the input
+channels and `context` (U-Net only) is cross-attended (Integration Flow's anchor, one or
+the other).
 """
 import argparse
 import copy
@@ -83,11 +92,12 @@ DDPMPP_SIZE = {"cifar10": dict(depth=4, dropout=0.15)}
 
 
 def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
-    """The flags all four method scripts share. Defaults of None are filled by the preset."""
+    """The flags all four method scripts share, in their own --help group (a script adds its
+    method's group first, so --help lists those first). None defaults are filled by the preset."""
     def one_line_error(message):  # argparse would print the usage block too
         parser.exit(2, f"error: {message} (see --help)\n")
     parser.error = one_line_error
-    a = parser.add_argument
+    a = parser.add_argument_group("flags shared by the four scripts").add_argument
     a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
     a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
     a("--image-size", type=int, default=None, help="resolution images are resized to")
@@ -162,8 +172,11 @@ def parse_args(parser, argv=None):
     return args
 
 
-def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
-    """Fill unset flags from the preset, check them, and return args (one-line errors)."""
+def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1]):
+    """Fill unset flags from the preset, check them, and return args (one-line errors). `method`
+    is stored in checkpoints (resume and sample check it); the default run folder is
+    runs/<name>-<dataset>-<preset>, name = the script's (default: method). `archs`: the --arch
+    values the script trains (all but func, consistency_func.py's INR generator, by default)."""
     if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}': choose one of "
                         f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
@@ -182,6 +195,9 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.arch not in archs:
+        raise UserError(f"--arch {args.arch}: this script trains {', '.join(archs)} (func, the INR "
+                        "image-function generator, is consistency_func.py's)")
     if args.is_image and args.arch == "mlp":
         raise UserError("--arch mlp is for 2-D data; use unet, dit or func for images")
     if not args.is_image and args.arch != "mlp":
@@ -195,7 +211,7 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4"):
         raise UserError("--steps must be >= 0, --batch-size and --lr > 0")
     args.nfe_list = parse_nfe(args.nfe or default_nfe)
     check_numbers(args)
-    args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}-{args.preset}")
+    args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
     args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
     args.method = method
@@ -625,10 +641,8 @@ def build_net(args, shape, num_classes=0, extra_ch=0, out_ch=None, context_ch=0)
     if args.arch == "dit":
         return DiT(C, out_ch, H, args.patch, args.width, args.depth, args.heads, args.dropout,
                    num_classes, extra_ch)
-    if args.arch == "func":
-        return FuncGenerator(C, H, args.patch, args.width, args.depth, args.heads, args.dropout,
-                             num_classes, getattr(args, "inr_width", 64), getattr(args, "inr_depth", 3))
-    raise UserError(f"unknown arch '{args.arch}': choose one of {', '.join(ARCHS)}")
+    raise UserError(f"--arch {args.arch}: build_net makes {', '.join(ARCHS[:-1])} (consistency_func.py "
+                    "builds its FuncGenerator itself)")
 
 
 def count_params(net):
@@ -782,30 +796,27 @@ def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e
               return_traj=False, max_nfe=10_000):
     """Solve dx/dt = v(x, t) from t0 to t1 (t1 < t0 integrates backwards, e.g. for inversion).
 
-    v(x, t) receives t as a float tensor [B]. method: 'euler' (nfe steps, NFE = nfe),
-    'heun' (nfe steps, NFE = 2 nfe), 'rk45' (adaptive Dormand-Prince, rtol/atol; nfe unused).
+    v(x, t) receives t as a float tensor [B]. method: 'euler' (nfe steps, NFE = nfe) or 'rk45'
+    (adaptive Dormand-Prince, rtol/atol; nfe unused).
     Returns (x_t1, info) with info = {'nfe': evaluations used, 'traj': [x at each step] or None}.
     A NaN/inf result (a diverged checkpoint) or an RK45 run past max_nfe evaluations (a field
     too stiff for it) stops with a one-line error instead of writing NaN or hanging.
     """
     ones = torch.ones(x.shape[0], device=x.device)
     traj = [x] if return_traj else None
-    if method in ("euler", "heun"):
+    if method == "euler":
         if not nfe or nfe <= 0:
             raise UserError(f"{method} needs a positive number of steps (got {nfe})")
         ts = torch.linspace(t0, t1, nfe + 1).tolist()
         for ta, tb in zip(ts[:-1], ts[1:]):
-            h, d = tb - ta, v(x, ta * ones)
-            if method == "heun":  # trapezoid predictor-corrector (2nd order)
-                d = 0.5 * (d + v(x + h * d, tb * ones))
-            x = x + h * d
+            x = x + (tb - ta) * v(x, ta * ones)
             if return_traj:
                 traj.append(x)
         _check_ode_finite(x, method)
-        return x, {"nfe": nfe * (2 if method == "heun" else 1), "traj": traj}
+        return x, {"nfe": nfe, "traj": traj}
     if method == "rk45":
         return _dopri5(v, x, t0, t1, rtol, atol, ones, traj, max_nfe)
-    raise UserError(f"unknown sampler '{method}': use euler, heun or rk45")
+    raise UserError(f"unknown sampler '{method}': use euler or rk45")
 
 
 # Dormand-Prince 5(4) tableau: the 5th-order solution propagates, the 4th-order one
@@ -1062,7 +1073,7 @@ def load_data(args, name=None, data_dir=None, train=True):
             try:
                 ds = torchvision.datasets.CelebA(root, split="train" if train else "test",
                                                  target_type=[], transform=tf, download=False)
-                return Data(name, (3, size, size), 0, dataset=IndexedDataset(_NoTarget(ds)))
+                return Data(name, (3, size, size), 0, dataset=IndexedDataset(ds))  # no labels: y = -1
             except RuntimeError:
                 pass  # annotation files missing: fall back to the plain image folder
         folder = os.path.join(root, "celeba", "img_align_celeba")
@@ -1115,17 +1126,6 @@ class LabelledTensors(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i], int(self.y[i])
-
-
-class _NoTarget(torch.utils.data.Dataset):
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i][0], -1
 
 
 class ResumableBatches:
@@ -1901,7 +1901,7 @@ def config_dict(args):
 
 
 #################################################################################
-#                          Samples, images and benchmarks                       #
+#                      7. Samples, images and benchmarks                        #
 #################################################################################
 
 def save_image_grid(x, path, nrow=None):

@@ -4,7 +4,7 @@ withdrawn; no public code). One network call turns noise into an image *function
 weights of a small coordinate MLP, an INR) that renders at any resolution. The network is
 trained from data alone with improved consistency training (iCT, Song & Dhariwal 2023).
 
-Noise convention (EDM/Karras, the only one in this file): x_sigma = x + sigma z, z ~ N(0, I),
+Noise convention (EDM/Karras, the only one here): x_sigma = x1 + sigma z, data x1, z ~ N(0, I),
 sigma in [sigma_min, sigma_max] = [0.002, 80]; sampling goes from sigma_max down.
 
 Equations implemented (iCT, exact):
@@ -71,6 +71,23 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # iCT / EDM noise range
 S0, S1 = 10, 1280  # curriculum: discretization steps at the start and the cap
 P_MEAN, P_STD = -1.1, 2.0  # lognormal noise-index proposal
 HUBER = 0.00054  # c = HUBER * sqrt(dim)
+
+# common.PRESETS plus the method's recipe (command-line flags win): iCT's CIFAR-10 recipe (RAdam 1e-4,
+# EMA 0.99993, dropout 0.3, 400k steps, batch 1024; the CM-Func paper: batch 32), the paper's CelebA-64
+# run (batch 32, 900k steps); FUNC_SIZE and pretrain_epochs / inr_* for --arch func (unet/dit: common's).
+PRESETS = {
+    "toy": dict(common.PRESETS["toy"], steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99,
+                pretrain_epochs=0, inr_width=64, inr_depth=3),
+    "tiny": dict(common.PRESETS["tiny"], lr=1e-3, ema_decay=0.999, warmup=0, pretrain_epochs=5,
+                 inr_width=64, inr_depth=3),
+    "cifar10": dict(common.PRESETS["cifar10"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3,
+                    steps=400_000, batch_size=1024, pretrain_epochs=30, inr_width=128, inr_depth=4),
+    "celeba64": dict(common.PRESETS["celeba64"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0,
+                     steps=900_000, batch_size=32, pretrain_epochs=30, inr_width=128, inr_depth=4),
+}
+FUNC_SIZE = {"tiny": dict(width=64, depth=4, heads=4, patch=2),
+             "cifar10": dict(width=384, depth=12, heads=6, patch=2),
+             "celeba64": dict(width=384, depth=12, heads=6, patch=4)}
 
 
 #################################################################################
@@ -253,11 +270,11 @@ def train(args, run, data, net, method):
         if run.due(step + 1, args.ckpt_every) or step + 1 in (pretrain, pretrain + args.steps):
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.sample_every):
-            common.write_samples(args, data, sampler(run, data, ema.model, method), run)
+            common.write_samples(args, data, sampler(args, run, data, ema.model, method), run)
     return ema
 
 
-def sampler(run, data, net, method):
+def sampler(args, run, data, net, method):
     """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
     def sample_fn(n, nfe):
         x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe)
@@ -319,47 +336,30 @@ def bench_multires(args, run, data, net, method):
 #                                      CLI                                      #
 #################################################################################
 
-# The method's recipes: iCT's CIFAR-10 recipe (RAdam 1e-4, EMA 0.99993, dropout 0.3, 400k
-# steps, batch 1024; the CM-Func paper used batch 32) and the paper's CelebA-64 run (batch 32,
-# 900k steps). Network sizes below apply to --arch func; unet/dit keep common's sizes.
-PRESETS = {k: dict(v) for k, v in common.PRESETS.items()}
-PRESETS["toy"].update(steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99)
-PRESETS["tiny"].update(lr=1e-3, ema_decay=0.999, warmup=0, pretrain_epochs=5)
-PRESETS["cifar10"].update(lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3, steps=400_000,
-                          batch_size=1024, pretrain_epochs=30, inr_width=128, inr_depth=4)
-PRESETS["celeba64"].update(lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0, steps=900_000,
-                           batch_size=32, pretrain_epochs=30, inr_width=128, inr_depth=4)
-FUNC_SIZE = {"tiny": dict(width=64, depth=4, heads=4, patch=2),
-             "cifar10": dict(width=384, depth=12, heads=6, patch=2),
-             "celeba64": dict(width=384, depth=12, heads=6, patch=4)}
-
-
 def main(argv=None):
-    parser = common.add_common_args(argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("--pretrain-epochs", type=float, default=None,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("consistency_func.py (the common flags follow)")
+    group.add_argument("--pretrain-epochs", type=float, default=None,
                         help="denoising warm-start epochs before iCT (--arch func)")
-    parser.add_argument("--two-step-sigma", type=float, default=0.821,
+    group.add_argument("--two-step-sigma", type=float, default=0.821,
                         help="the second sigma of two-step sampling (iCT: 0.821)")
-    parser.add_argument("--sigma-data", type=float, default=None,
+    group.add_argument("--sigma-data", type=float, default=None,
                         help="data std in the scalings (default 0.5 for images as in iCT; "
                         "for 2-D data the training set's std [reconstructed])")
-    parser.add_argument("--inr-width", type=int, default=None, help="hidden width of the INR")
-    parser.add_argument("--inr-depth", type=int, default=None, help="linear layers of the INR")
-    parser.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--inr-width", type=int, default=None, help="hidden width of the INR")
+    group.add_argument("--inr-depth", type=int, default=None, help="linear layers of the INR")
+    group.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
                         help="variational (jittered) coordinates when training --arch func")
-    parser.add_argument("--sample-res", default=None,
+    group.add_argument("--sample-res", default=None,
                         help="comma list of render sizes for --mode sample/bench (func: any)")
+    common.add_common_args(parser)
     parser.set_defaults(grad_clip=0.0, nfe="1,2")  # iCT clips no gradients
     args = common.parse_args(parser, argv)
-    presets = {k: dict(v) for k, v in PRESETS.items()}
-    if args.arch in (None, "func"):
-        for name, size in FUNC_SIZE.items():
-            presets[name].update(arch="func", **size)
-    args = common.finish_args(args, presets=presets, method="cm", default_nfe="1,2")
-    for key, default in (("pretrain_epochs", 0), ("inr_width", 64), ("inr_depth", 3)):
-        if getattr(args, key) is None:
-            setattr(args, key, presets[args.preset].get(key, default))
+    func = args.arch in (None, "func")  # the default for images, sized by FUNC_SIZE
+    presets = {k: dict(v, arch="func", **FUNC_SIZE[k]) if func and k in FUNC_SIZE else v
+               for k, v in PRESETS.items()}
+    args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
+                              archs=common.ARCHS)
     R = args.image_size
     try:
         args.sample_res = [int(s) for s in (args.sample_res or str(R)).split(",")] if R else []
@@ -372,20 +372,19 @@ def main(argv=None):
                                "rendering other sizes needs --arch func")
     run = common.Run(args)
     data = common.load_data(args)
-    net = common.build_net(args, data.shape).to(run.device)
+    net = (common.FuncGenerator(*data.shape[:2], args.patch, args.width, args.depth, args.heads, args.dropout,
+                                inr_width=args.inr_width, inr_depth=args.inr_depth)
+           if args.arch == "func" else common.build_net(args, data.shape)).to(run.device)
     net.jitter = args.jitter
     run.print(f"consistency_func: {args.arch} with {common.count_params(net) / 1e6:.3f}M parameters")
     args.sigma_data = args.sigma_data or (0.5 if data.is_image else data.x.std().item())
     method = ConsistencyTraining(args.steps, args.sigma_data, args.two_step_sigma)
+    if args.mode != "train" and (args.mode != "bench" or os.path.isfile(args.ckpt)):
+        common.load_weights(net, args.ckpt, args.weights, run.device)  # EMA by default
+    fn = sampler(args, run, data, net.train(args.mode == "train"), method)  # eval mode unless training
     if args.mode == "train":
         train(args, run, data, net, method)
-        run.close()
-        return
-    if args.mode != "bench" or os.path.isfile(args.ckpt):
-        common.load_weights(net, args.ckpt, args.weights, run.device)  # EMA by default
-    net.eval()
-    fn = sampler(run, data, net, method)
-    if args.mode == "sample":
+    elif args.mode == "sample":
         common.write_samples(args, data, fn, run)
         if args.arch == "func":
             write_multires(args, run, data, net, method)

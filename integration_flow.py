@@ -4,19 +4,20 @@ Models (DDDM, Zhang et al. 2024, code: TheLuoFengLab/DDDM). No code of the paper
 this is a reconstruction from the DDDM code and the paper's OpenReview page.
 
 Idea: learn the *result* of integrating the probability-flow ODE from x_t back to the data,
-x0 = G(x_t, t, anchor), in one network call. The anchor is the model's own earlier estimate
-of x0 for the same training example, kept in a bank with one slot per example; at sampling
-time the fixed point x0 = G(x_T, T, x0) is sought by iterating the anchor from noise.
+x1 = G(x_t, t, anchor), in one network call. The anchor is the model's own earlier estimate
+of x1 for the same training example, kept in a bank with one slot per example; at sampling
+time the fixed point x1 = G(x_T, T, x1) is sought by iterating the anchor from noise.
 
+Notation as in every script here: x1 = data, x0 = noise ~ N(0, I) (DDPM's and DDDM's x0 is our x1).
 Time conventions (one per --ode; the network gets t_net in [0, 1], it multiplies by 1000):
   vp  discrete DDPM steps n = 0..N-1 (N = --vp-steps 1000, linear or cosine betas):
-      x_t = sqrt(abar_n) x0 + sqrt(1 - abar_n) z;  t_net = n / N;  sampling starts at n = N-1
-      (2-D), or, as DDDM's image sampler does, at n = N: x_T = z, t_net = 1, one past the
+      x_t = sqrt(abar_n) x1 + sqrt(1 - abar_n) x0;  t_net = n / N;  sampling starts at n = N-1
+      (2-D), or, as DDDM's image sampler does, at n = N: x_T = x0, t_net = 1, one past the
       last trained index.
   ve  sigma = smin (smax/smin)^u, u ~ U[0, 1] (continuous form of DDDM's geometric grid),
-      smin 0.01, smax 50:  x_t = x0 + sigma z;  t_net = u = ln(sigma/smin) / ln(smax/smin).
-  rf  our flow time, t = 0 noise, t = 1 data: x_t = t x0 + (1 - t) z, t ~ U[0, 1); t_net = t.
-Parameterizations (out = estimate of x0, F = network output; --param paper):
+      smin 0.01, smax 50:  x_t = x1 + sigma x0;  t_net = u = ln(sigma/smin) / ln(smax/smin).
+  rf  our flow time, t = 0 noise, t = 1 data: x_t = t x1 + (1 - t) x0, t ~ U[0, 1); t_net = t.
+Parameterizations (out = estimate of x1, F = network output; --param paper):
   vp  out = x_t - F                                   (DDDM; no exact boundary on a discrete grid)
   ve  out = k x_t + (1 - k) F, k = smin / sigma       (out = x_t exactly at sigma = smin)
   rf  out = x_t + (1 - t) F  [reconstructed]          (F = average velocity; out = x_t at t = 1)
@@ -34,18 +35,18 @@ as two unordered tokens, was tried and did not help); --arch dit has no cross-at
 Training (DDDM Algorithm 1):
   bank[i] ~ N(0, I) for every training example i (GLOBAL dataset index)
   w = 1 / (epoch + 1)                                 (--w-schedule inv-epoch; or const --w)
-  L = mean_i  w d(out_i, x0_i) + (1 - w) d(out_i, anchor_i)     anchor_i = bank[i], no gradient
+  L = mean_i  w d(out_i, x1_i) + (1 - w) d(out_i, anchor_i)     anchor_i = bank[i], no gradient
   bank[i] <- out_i.detach()     --bank-update output: the paper's text (Algorithm 1).
-  bank[i] <- x0_i               --bank-update data: the released code (train_util.py writes the
+  bank[i] <- x1_i               --bank-update data: the released code (train_util.py writes the
         clean batch; the output write is commented out in gaussian_diffusion.py). This bank is
-        x0 after one epoch; the output bank converges to about x0 too (toy: mean ||bank_i - x0_i||
+        x1 after one epoch; the output bank converges to about x1 too (toy: mean ||bank_i - x1_i||
         0.07-0.14), and the two give the same numbers (README). Neither leaks the answer.
-  --bank-update none trains plain x0 regression with a zero anchor (the baseline).
+  --bank-update none trains plain x1 regression with a zero anchor (the baseline).
   d = pseudo-Huber sqrt(||a - b||^2 + c^2) - c over the whole sample, c = --huber-c sqrt(dim)
       [reconstructed: DDDM applies it per element with c = 1.4e-4, close to L1], or l2
       (mean squared error). Only L2's minimizer is the conditional mean: for L2 the optimum is
-      out = w E[x0 | x_t, anchor] + (1 - w) anchor; pseudo-Huber / L1 give a median-like point.
-Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor),
+      out = w E[x1 | x_t, anchor] + (1 - w) anchor; pseudo-Huber / L1 give a median-like point.
+Sampling: x_T = sigma_T x0, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T, anchor),
   clamped to [-1, 1] after every iteration for images (as DDDM). K = 1 is one step (DDDM
   Algorithm 2). The released sampler passes (x_bar, T) in swapped positions and arguments its
   functions do not accept, so it crashes: a real bug, not copied.
@@ -53,14 +54,14 @@ Sampling: x_T = sigma_T z, anchor ~ N(0, I); K = --nfe times: anchor <- G(x_T, T
   re-noises the current estimate to the k-th of K levels from T down and denoises it again.
 Convergence (the reviewers' question): mean ||a_new - a_old|| per epoch (training, kept in the
 checkpoint) and per sampling iteration; both plotted to <out-dir>/anchor_convergence.png.
-The answer (README): the bank converges to about x0. At t = T, x_T carries no information on
-x0, so the regression target is the mean of the data or a copy of the anchor; as the anchors
+The answer (README): the bank converges to about x1. At t = T, x_T carries no information on
+x1, so the regression target is the mean of the data or a copy of the anchor; as the anchors
 seen in training become data (w -> 0), it learns to return its anchor, and a random N(0, I)
 anchor at sampling comes back about unchanged.
 
 Commands:
   python integration_flow.py                                   # CPU toy, 8 gaussians, ~1 min
-  python integration_flow.py --bank-update none                # plain x0-regression baseline
+  python integration_flow.py --bank-update none                # plain x1-regression baseline
   python integration_flow.py --mode sample --nfe 1,2,4,8       # scatter plots in runs/.../samples
   python integration_flow.py --mode bench                      # step time vs a plain RF step
   python integration_flow.py --dataset digits                  # 16x16 digits, anchor by cross-attention
@@ -80,11 +81,15 @@ import torch
 
 import common
 
-PRESETS = {k: dict(v) for k, v in common.PRESETS.items()}
-for _name in PRESETS:
-    PRESETS[_name].update(ode="ve", distance="pseudo-huber")
-PRESETS["toy"].update(steps=3000, distance="l2", ode="rf")
-PRESETS["cifar10"].update(depth=3, dropout=0.3, lr=1e-4, attn_res=(16, 8))
+# common.PRESETS plus this method's recipe (command-line flags win): VE and pseudo-Huber for
+# images, the flow ODE and L2 for 2-D; CIFAR-10 from the DDDM scripts [reconstructed].
+PRESETS = {
+    "toy": dict(common.PRESETS["toy"], steps=3000, ode="rf", distance="l2"),
+    "tiny": dict(common.PRESETS["tiny"], ode="ve", distance="pseudo-huber"),
+    "cifar10": dict(common.PRESETS["cifar10"], ode="ve", distance="pseudo-huber", depth=3, dropout=0.3,
+                    lr=1e-4, attn_res=(16, 8)),
+    "celeba64": dict(common.PRESETS["celeba64"], ode="ve", distance="pseudo-huber"),
+}
 
 
 #################################################################################
@@ -126,7 +131,7 @@ class IntegrationFlow:
         return self.smin * (self.smax / self.smin) ** s if self.ode == "ve" else 1 - s
 
     def coeffs(self, time, ndim):
-        """(alpha, sigma) with x_t = alpha x0 + sigma z, shaped to broadcast over data."""
+        """(alpha, sigma) with x_t = alpha x1 + sigma x0, shaped to broadcast over data."""
         if self.ode == "vp":
             abar = torch.cat([self.abar, self.abar.new_zeros(1)])  # abar_N = 0: DDDM's sampling start
             abar = abar.to(time.device)[time.long()].float()
@@ -143,7 +148,7 @@ class IntegrationFlow:
             return time / self.N
         return torch.log(time / self.smin) / math.log(self.smax / self.smin) if self.ode == "ve" else time
 
-    # ---- parameterization: out = estimate of x0 -------------------------------------------
+    # ---- parameterization: out = estimate of x1 -------------------------------------------
     def denoise(self, net, x_t, time, anchor):
         """out = param(x_t, t, F(c_in x_t, t_net, anchor)); see the module docstring."""
         alpha, sigma = self.coeffs(time, x_t.ndim)
@@ -165,35 +170,44 @@ class IntegrationFlow:
         c = self.huber_c * math.sqrt(diff.shape[1])
         return (diff.pow(2).sum(1) + c * c).sqrt() - c
 
-    # ---- Algorithm 1 (one step of it) -----------------------------------------------------
-    def loss(self, net, x0, anchor, w):
-        """L = mean(w d(out, x0) + (1 - w) d(out, anchor)). Returns (loss, logs); logs['out'] is
-        the detached estimate that the trainer writes into the bank (pop it before logging)."""
-        time = self.sample_time(x0.shape[0], x0.device)
-        alpha, sigma = self.coeffs(time, x0.ndim)
-        x_t = alpha * x0 + sigma * torch.randn_like(x0)
-        if self.bank_update == "none":  # plain x0 regression: zero anchor, w = 1
-            anchor, w = torch.zeros_like(x0), 1.0
-        out = self.denoise(net, x_t, time, anchor.to(x0.dtype))
-        d_data, d_anchor = self.d(out, x0).mean(), self.d(out, anchor).mean()
+    # ---- Algorithm 1 (one step of it: read the anchors, loss, write the bank) ---------------
+    def loss(self, net, x1, idx, bank, w, hflip=False):
+        """L = mean(w d(out, x1) + (1 - w) d(out, anchor)), anchor = bank[idx] (the batch's global
+        indices; bank None: --bank-update none); then bank[idx] <- out (or x1, --bank-update data).
+        hflip flips images and their anchors with one mask (the bank stays unflipped). Used by
+        train, bench and toy2d.py. Returns (loss, logs), logs['anchor_change'] ||new - old||."""
+        anchor = bank.read(idx) if bank is not None else torch.zeros_like(x1)
+        flip = torch.rand(x1.shape[0], 1, 1, 1, device=x1.device) < 0.5 if hflip else None
+        if flip is not None:
+            x1, anchor = torch.where(flip, x1.flip(3), x1), torch.where(flip, anchor.flip(3), anchor)
+        time = self.sample_time(x1.shape[0], x1.device)
+        alpha, sigma = self.coeffs(time, x1.ndim)
+        x_t = alpha * x1 + sigma * torch.randn_like(x1)
+        if self.bank_update == "none":  # plain x1 regression: zero anchor, w = 1
+            anchor, w = torch.zeros_like(x1), 1.0
+        out = self.denoise(net, x_t, time, anchor.to(x1.dtype))
+        d_data, d_anchor = self.d(out, x1).mean(), self.d(out, anchor).mean()
         loss = w * d_data + (1 - w) * d_anchor
-        return loss, {"d_data": d_data.detach(), "d_anchor": d_anchor.detach(),
-                      "w": torch.tensor(w), "out": out.detach().float()}
+        logs = {"d_data": d_data.detach(), "d_anchor": d_anchor.detach(), "w": torch.tensor(w)}
+        if bank is not None:
+            new = out.detach().float() if self.bank_update == "output" else x1.float()
+            logs["anchor_change"] = bank.write(idx, torch.where(flip, new.flip(3), new) if hflip else new)
+        return loss, logs
 
     # ---- Algorithm 2: anchor iteration (and the labeled re-noising extension) ------------
     @torch.no_grad()
-    def sample(self, net, z, nfe=1, anchor=None, sampler="anchor", images=False):
-        """x_T = sigma_T z; K = nfe anchor iterations a <- G(x_T, T, a). Returns (x0, info) with
+    def sample(self, net, x0, nfe=1, anchor=None, sampler="anchor", images=False):
+        """x_T = sigma_T x0; K = nfe anchor iterations a <- G(x_T, T, a). Returns (x1, info) with
         info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration).
         images=True follows DDDM's image sampler: clamp to [-1, 1] after every iteration, and
-        VP starts at n = N (x_T = z, t_net = 1; one past the last trained index, as released)."""
-        B, dev = z.shape[0], z.device
+        VP starts at n = N (x_T = x0, t_net = 1; one past the last trained index, as released)."""
+        B, dev = x0.shape[0], x0.device
         time = self.level(1.0, B, dev)
         if self.ode == "vp" and images:
             time = torch.full((B,), float(self.N), device=dev)
-        x_T = self.coeffs(time, z.ndim)[1] * z
+        x_T = self.coeffs(time, x0.ndim)[1] * x0
         free = self.bank_update == "none"
-        a = torch.zeros_like(z) if free else (torch.randn_like(z) if anchor is None else anchor)
+        a = torch.zeros_like(x0) if free else (torch.randn_like(x0) if anchor is None else anchor)
         if free and sampler == "anchor":
             nfe = 1  # the anchor-free model ignores the anchor: more iterations change nothing
         changes = []
@@ -201,9 +215,9 @@ class IntegrationFlow:
             x_t = x_T
             if sampler == "renoise" and k > 0:  # re-noise the estimate to level (K - k) / K
                 time = self.level(1 - k / nfe, B, dev)
-                alpha, sigma = self.coeffs(time, z.ndim)
-                x_t = alpha * a + sigma * torch.randn_like(z)
-            new = self.denoise(net, x_t, time, torch.zeros_like(z) if free else a).float()
+                alpha, sigma = self.coeffs(time, x0.ndim)
+                x_t = alpha * a + sigma * torch.randn_like(x0)
+            new = self.denoise(net, x_t, time, torch.zeros_like(x0) if free else a).float()
             new = new.clamp(-1, 1) if images else new  # DDDM clamps image samples each iteration
             changes.append((new - a).flatten(1).norm(dim=1).mean().item())
             a = new
@@ -254,12 +268,6 @@ class AnchorBank:
 #                                 Training loop                                 #
 #################################################################################
 
-def hflip_pair(x, a):
-    """Flip images and their anchors with the same mask (the bank stays unflipped)."""
-    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
-    return torch.where(flip, x.flip(3), x), torch.where(flip, a.flip(3), a), flip
-
-
 def train(args, run, data, net, method):
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -281,21 +289,14 @@ def train(args, run, data, net, method):
     stream = iter(batches)
     for step in range(start, args.steps):
         epoch = batches.epoch
-        x0, _, idx = next(stream)
+        x1, _, idx = next(stream)
         w = 1.0 / (epoch + 1) if args.w_schedule == "inv-epoch" else args.w
-        anchor = bank.read(idx) if bank is not None else torch.zeros_like(x0)
-        flip = None
-        if args.hflip and data.is_image:
-            x0, anchor, flip = hflip_pair(x0, anchor)
         with run.autocast:
-            loss, logs = method.loss(model, x0, anchor, w)
-        out = logs.pop("out")
+            loss, logs = method.loss(model, x1, idx, bank, w, hflip=args.hflip and data.is_image)
         common.optimize(opt, loss, net, args, step)
         ema.update(net, step)
         if bank is not None:
-            new = out if method.bank_update == "output" else x0.float()
-            new = torch.where(flip, new.flip(3), new) if flip is not None else new
-            change = bank.write(idx, new)
+            change = logs["anchor_change"]
             acc += torch.stack([change.sum(), torch.tensor(float(change.numel()), device=change.device)])
             logs["anchor_change"] = change.mean()
             if (step + 1) % batches.per_epoch == 0:  # this batch closed an epoch
@@ -320,8 +321,8 @@ def train(args, run, data, net, method):
 def sampler(args, run, data, net, method, changes=None):
     """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
     def sample_fn(n, nfe):
-        z = torch.randn(n, *data.shape, device=run.device)
-        x, info = method.sample(net, z, nfe, sampler=args.sampler, images=data.is_image)
+        x0 = torch.randn(n, *data.shape, device=run.device)
+        x, info = method.sample(net, x0, nfe, sampler=args.sampler, images=data.is_image)
         if changes is not None:
             changes.append(info["change"])
         return x, info["nfe"]
@@ -364,22 +365,21 @@ def bench(args, run, data, net, method):
     rectified-flow regression step on the same backbone without the anchor channels."""
     B, dev = run.local_batch, run.device
     bank = AnchorBank(max(len(data), B), data.shape, device=dev, seed=args.seed)
-    x0 = torch.randn(B, *data.shape, device=dev)
+    x1 = torch.randn(B, *data.shape, device=dev)
     idx = torch.arange(B, device=dev)
     rf_net = common.build_net(args, data.shape).to(dev)
     opt, rf_opt = torch.optim.Adam(net.parameters(), args.lr), torch.optim.Adam(rf_net.parameters(), args.lr)
 
     def if_step():
         with run.autocast:
-            loss, logs = method.loss(net, x0, bank.read(idx), 0.5)
+            loss, _ = method.loss(net, x1, idx, bank if method.bank_update != "none" else None, 0.5)
         common.optimize(opt, loss, net, args, 10**9)
-        bank.write(idx, logs["out"])
 
     def rf_step():
-        z, t = torch.randn_like(x0), torch.rand(B, device=dev)
-        tb = t.view(-1, *[1] * (x0.ndim - 1))
+        x0, t = torch.randn_like(x1), torch.rand(B, device=dev)
+        tb = t.view(-1, *[1] * (x1.ndim - 1))
         with run.autocast:
-            loss = (rf_net(tb * x0 + (1 - tb) * z, t) - (x0 - z)).pow(2).mean()
+            loss = (rf_net(tb * x1 + (1 - tb) * x0, t) - (x1 - x0)).pow(2).mean()
         common.optimize(rf_opt, loss, rf_net, args, 10**9)
 
     fn = sampler(args, run, data, net, method)
@@ -425,16 +425,15 @@ def anchor_input(args):
 
 
 def main(argv=None):
-    parser = common.add_common_args(argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    a = parser.add_argument
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument_group("integration_flow.py (the common flags follow)").add_argument
     a("--ode", default=None, choices=("vp", "ve", "rf"), help="forward process (default: preset)")
     a("--param", default="paper", choices=("paper", "residual"),
       help="paper: per-ODE form in the docstring; residual: out = x_t - F for all")
     a("--bank-update", default="output", choices=("output", "data", "none"),
-      help="output: the model's estimate (the paper's text); data: the clean x0 (the released code); "
-           "both banks converge to about x0 and give the same numbers; "
-           "none: plain x0 regression without anchor (baseline)")
+      help="output: the model's estimate (the paper's text); data: the clean x1 (the released code); "
+           "both banks converge to about x1 and give the same numbers; "
+           "none: plain x1 regression without anchor (baseline)")
     a("--anchor-input", default=None, choices=("concat", "xattn"),
       help="xattn: x_t alone is the input, the anchor only cross-attention tokens without positions "
            "(DDDM; default for --arch unet); concat: anchor as extra input channels (deviation; "
@@ -454,6 +453,7 @@ def main(argv=None):
     a("--sigma-data", type=float, default=0.5, help="VE input scaling 1/sqrt(sigma^2+sd^2) [reconstructed]")
     a("--conv-iters", type=int, default=20, help="sampling iterations for the convergence plot")
     a("--n-conv", type=int, default=2000, help="samples for the convergence plot")
+    common.add_common_args(parser)
     args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",
                               default_nfe="1,2,4")
     common.check_steps(args)

@@ -66,10 +66,11 @@ import torch
 
 import common
 
+# common.PRESETS plus this method's recipe (command-line flags win): RF's optimizer recipe for images.
+PRESETS = {"toy": dict(common.PRESETS["toy"], steps=3000, log_every=500), "tiny": dict(common.PRESETS["tiny"]),
+           "cifar10": dict(common.PRESETS["cifar10"]), "celeba64": dict(common.PRESETS["celeba64"])}
 EPS = 1e-3  # t ~ U[eps, 1]
 PC_LAMBDA = {"inv_t": lambda t: 1 / t, "one": lambda t: torch.ones_like(t), "inv_t2": lambda t: t ** -2}
-PRESETS = {k: dict(v) for k, v in common.PRESETS.items()}
-PRESETS["toy"].update(steps=3000, log_every=500)
 
 
 #################################################################################
@@ -134,10 +135,10 @@ class ScoreFlow:
         return x, info["nfe"]
 
     def sample(self, net, x0, nfe, y=None, w=1.0):
-        """Source x0 (noise or domain A) -> target; returns (x1, network evaluations)."""
+        """Source x0 (noise or domain A) -> target; returns (x1, {"nfe": network evaluations})."""
         v = self.field(net, y, w)
         x, n = self.solve(v, x0, nfe)
-        return x, n * v.cost
+        return x, {"nfe": n * v.cost}
 
     def translate(self, v_a, v_b, x_a, nfe, variant="two-pass"):
         """a -> b with the fields of (model, class) a and b. Two-pass: encode with v_a
@@ -216,11 +217,11 @@ def train(args, run, data, source, net, method):
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, sampler(args, run, data, source, ema.model, method), run)
+            common.write_samples(args, data, sampler(args, run, data, ema.model, method, source), run)
         if run.master and run.due(step + 1, args.eval_every):
-            common.evaluate(args, run, data, sampler(args, run, data, source, ema.model, method))
+            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method, source))
     if run.master and not data.is_image and args.steps > start:  # the toy's picture and numbers
-        fn = sampler(args, run, data, source, ema.model, method)
+        fn = sampler(args, run, data, ema.model, method, source)
         common.write_samples(args, data, fn, run)
         common.evaluate(args, run, data, fn)
     return ema
@@ -248,7 +249,7 @@ def draw(data, n, label=None, seed=0):
     return x[keep[:n]], y[keep[:n]]
 
 
-def sampler(args, run, data, source, net, method):
+def sampler(args, run, data, net, method, source=None):
     """sample_fn(n, nfe) -> (samples, network evaluations) from the given (EMA) network:
     noise (or source-domain points) -> data, uniformly random classes, CFG weight --cfg."""
     calls = [0]
@@ -263,7 +264,8 @@ def sampler(args, run, data, source, net, method):
         if method.num_classes:
             y = (torch.randint(0, method.num_classes, (n,), device=run.device) if label is None
                  else torch.full((n,), label, device=run.device))
-        return method.sample(net, x0, nfe, y, args.cfg)
+        x, info = method.sample(net, x0, nfe, y, args.cfg)
+        return x, info["nfe"]
     return sample_fn
 
 
@@ -434,10 +436,8 @@ def translate_cli(args, run, data):
 #################################################################################
 
 def parse(argv):
-    parser = common.add_common_args(argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-        modes=("train", "sample", "eval", "translate", "bench"))
-    a = parser.add_argument
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument_group("scoreflow.py (the common flags follow)").add_argument
     a("--beta", type=float, default=1.0, help="weight of the path-constrained loss (0 = rectified flow)")
     a("--pc-lambda", default="inv_t", choices=sorted(PC_LAMBDA), help="lambda(t) in Eq. 19")
     a("--class-cond", action=argparse.BooleanOptionalAction, default=None,
@@ -453,6 +453,7 @@ def parse(argv):
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
     a("--bpd", action="store_true", help="--mode eval: also the exact likelihood")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
+    common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
     args = common.finish_args(common.parse_args(parser, argv), presets=PRESETS, method="scoreflow",
                               default_nfe="1,2,4,8,rk45")
     common.check_steps(args)
@@ -498,11 +499,10 @@ def main(argv=None):
             with run.autocast:
                 loss, _ = method.loss(model, x1, None, y)
             common.optimize(opt, loss, net, args, 0)
-        frozen = common.EMA(net, 0.0).model
-        result = common.benchmark(run, step, sampler(args, run, data, source, frozen, method),
+        result = common.benchmark(run, step, sampler(args, run, data, common.EMA(net, 0.0).model, method, source),
                                   args.nfe_list, args.batch_size)
     else:
-        fn = sampler(args, run, data, source, net, method)
+        fn = sampler(args, run, data, net, method, source)
         if args.mode == "sample":
             common.write_samples(args, data, fn, run)
         else:

@@ -1,14 +1,17 @@
 """
 Tests for the whole repo (CPU, no network, seconds each). Run: python -m pytest -q test_methods.py
 
-Sections: common.py (networks, samplers, FID, data, checkpoints, faults, DDP); asfm.py;
-integration_flow.py; consistency_func.py; scoreflow.py; toy2d.py.
+Sections, one banner per file: common.py (networks, samplers, data, checkpoints, faults, DDP,
+FID); asfm.py; integration_flow.py; consistency_func.py; scoreflow.py; toy2d.py; then what holds
+for all four scripts (real digits, one training step per method, --help and run folders).
 """
 import argparse
 import hashlib
 import math
 import os
 import pickle
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,18 +21,22 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
+
+import asfm
+import common
+import consistency_func
+import integration_flow
+import scoreflow
+import toy2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import common  # noqa: E402
-from common import (FID_WEIGHTS_NAME, FIDInceptionA, FIDInceptionC, FIDInceptionE,  # noqa: E402
-                    feature_stats, fid_report, frechet_distance, inception_features,
-                    inception_score, load_fid_inception, precision_recall, reference_stats,
-                    to_uint8)
-
+MODULES = {"asfm": asfm, "integration_flow": integration_flow, "consistency_func": consistency_func,
+           "scoreflow": scoreflow, "toy2d": toy2d}
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -42,7 +49,6 @@ def make_args(argv=(), method="test"):
 
 
 def write_pngs(folder, n, size=20, seed=0):
-    from PIL import Image
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -51,8 +57,10 @@ def write_pngs(folder, n, size=20, seed=0):
 
 
 #################################################################################
-#                              common.py: networks                              #
+#                                   common.py                                   #
 #################################################################################
+
+# ---- networks ------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["unet", "ddpmpp", "dit"])
 def test_image_nets_shapes_zero_init_and_conditioning(arch):
@@ -100,9 +108,7 @@ def test_mlp_with_labels_and_extra_input():
     assert torch.allclose(net(x, t, None, e), net(x, t, torch.full((5,), 3), e))
 
 
-#################################################################################
-#                              common.py: samplers                              #
-#################################################################################
+# ---- samplers ------------------------------------------------------------------
 
 def test_euler_exact_on_constant_field():
     c = torch.tensor([[1.5, -2.0]])
@@ -116,23 +122,19 @@ def test_euler_velocity_sees_time_grid():
     assert torch.allclose(x1, torch.full((2, 1), 3 / 8))
 
 
-@pytest.mark.parametrize("method,nfe,tol", [("heun", 20, 1e-3), ("rk45", None, 1e-4)])
-def test_heun_rk45_on_rotation_and_backward(method, nfe, tol):
+def test_rk45_on_rotation_and_backward():
     # dx/dt = A x with A a rotation generator: x(1) = R(1) x(0)
     rot = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731
     x0 = torch.tensor([[1.0, 0.0], [0.3, -2.0]], dtype=torch.float64)
     c, s = math.cos(1.0), math.sin(1.0)
     exact = x0 @ torch.tensor([[c, s], [-s, c]], dtype=torch.float64)
-    x1, info = common.integrate(rot, x0, nfe, method)
-    assert torch.allclose(x1, exact, atol=tol)
-    back, _ = common.integrate(rot, x1, nfe, method, t0=1.0, t1=0.0)  # inversion
-    assert torch.allclose(back, x0, atol=2 * tol)
-    if method == "heun":
-        assert info["nfe"] == 40
-    else:
-        calls = []
-        common.integrate(lambda x, t: calls.append(1) or rot(x, t), x0, None, "rk45")
-        assert info["nfe"] == len(calls) and 7 <= info["nfe"] < 200
+    x1, info = common.integrate(rot, x0, None, "rk45")
+    assert torch.allclose(x1, exact, atol=1e-4)
+    back, _ = common.integrate(rot, x1, None, "rk45", t0=1.0, t1=0.0)  # inversion
+    assert torch.allclose(back, x0, atol=2e-4)
+    calls = []
+    common.integrate(lambda x, t: calls.append(1) or rot(x, t), x0, None, "rk45")
+    assert info["nfe"] == len(calls) and 7 <= info["nfe"] < 200
 
 
 def test_rk45_linear_growth_and_trajectory():
@@ -172,9 +174,8 @@ def test_nan_or_stiff_field_stops_rk45_and_euler_with_one_line_error():
     with pytest.raises(common.UserError, match="too stiff.*Euler"):
         common.integrate(stiff, torch.ones(4, 2), None, "rk45", max_nfe=600)
     assert calls[0] <= 600
-    for method in ("euler", "heun"):
-        with pytest.raises(common.UserError, match=f"{method}: .*NaN/inf"):
-            common.integrate(nan_after(0), torch.ones(4, 2), 3, method)
+    with pytest.raises(common.UserError, match="euler: .*NaN/inf"):
+        common.integrate(nan_after(0), torch.ones(4, 2), 3, "euler")
 
 
 def test_straightness_zero_for_straight_flow_positive_for_curved():
@@ -197,9 +198,7 @@ def test_toy_metrics_distinguish_distributions():
 
 
 
-#################################################################################
-#                                common.py: data                                #
-#################################################################################
+# ---- data ----------------------------------------------------------------------
 
 def test_image_folder_flat_and_with_class_subfolders(tmp_path):
     write_pngs(tmp_path / "flat", 5)
@@ -236,7 +235,7 @@ def test_cifar10_format_through_torchvision(tmp_path, monkeypatch):
     x, y, i = data.dataset[5]
     raw = torch.from_numpy(np.vstack([pickle.loads((folder / f"data_batch_{k}").read_bytes())["data"]
                                       for k in range(1, 6)]).reshape(-1, 3, 32, 32))
-    assert torch.equal(to_uint8(x), raw[5]) and y == 1 and i == 5  # exact pixels, [-1, 1] scaling
+    assert torch.equal(common.to_uint8(x), raw[5]) and y == 1 and i == 5  # exact pixels, [-1, 1] scaling
     small = common.load_data(make_args(["--dataset", "cifar10", "--data-dir", str(tmp_path),
                                         "--preset", "tiny"]))
     assert small.dataset[0][0].shape == (3, 16, 16)
@@ -331,9 +330,7 @@ def test_resumable_batches_cover_epoch_and_restart_midway():
     assert torch.equal(batch[2], first[per_epoch + 1]) and torch.equal(batch[0], data.x[batch[2]])
 
 
-#################################################################################
-#                     common.py: checkpoints, faults, GPU path                  #
-#################################################################################
+# ---- checkpoints, faults, GPU path ---------------------------------------------
 
 def tiny_run(tmp_path, *extra):
     args = make_args(["--dataset", "moons", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
@@ -416,8 +413,6 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
 
 
 def test_checkpoint_of_another_method_or_run_is_refused(tmp_path):
-    import asfm
-    import consistency_func
     out = str(tmp_path / "r")
     toy = ["--width", "16", "--device", "cpu", "--out-dir", out]
     asfm.main(["--stage", "rf", "--steps", "2"] + toy)
@@ -496,7 +491,7 @@ def test_sample_export_format(tmp_path):
     common.export_samples(str(tmp_path / "i.npz"), imgs, 4)
     with np.load(tmp_path / "i.npz") as f:
         assert f["samples"].dtype == np.uint8 and f["samples"].shape == (3, 8, 8, 3)
-        assert np.array_equal(f["samples"], to_uint8(imgs).permute(0, 2, 3, 1).numpy()) and f["nfe"] == 4
+        assert np.array_equal(f["samples"], common.to_uint8(imgs).permute(0, 2, 3, 1).numpy()) and f["nfe"] == 4
     common.export_samples(str(tmp_path / "p.npz"), torch.randn(5, 2, dtype=torch.float64), 1)
     with np.load(tmp_path / "p.npz") as f:
         assert f["samples"].dtype == np.float32 and f["samples"].shape == (5, 2)
@@ -548,7 +543,6 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
-    import asfm
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "file.txt").write_text("not a folder")
     np.save(tmp / "words.npy", np.array([["a", "b"], ["c", "d"]]))
@@ -571,7 +565,6 @@ def bad_inputs(tmp_path_factory):
 @pytest.mark.parametrize("script, argv, msg", [(s, a, m) for s in SCRIPTS for a, m in FLAG_CASES]
                          + SCRIPT_CASES)
 def test_bad_inputs_stop_with_one_line(bad_inputs, script, argv, msg, capsys, tmp_path):
-    import importlib
     argv = [a.replace("{tmp}", str(bad_inputs)) for a in argv]
     if script != "toy2d":
         argv = ["--device", "cpu", "--width", "16", "--batch-size", "32", "--steps", "2",
@@ -581,10 +574,10 @@ def test_bad_inputs_stop_with_one_line(bad_inputs, script, argv, msg, capsys, tm
     else:
         argv = ["--steps", "10", "--out", str(bad_inputs / "toy2d")] + argv
     with pytest.raises(SystemExit) as e:
-        common.run_cli(importlib.import_module(script).main, argv)
+        common.run_cli(MODULES[script].main, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
-    assert __import__("re").search(msg, err), err
+    assert re.search(msg, err), err
 
 
 def _ddp_worker(rank, world, port, out):
@@ -614,36 +607,34 @@ def test_ddp_two_gloo_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))  # synced grads
     assert len(r0["idx"]) == 3 * 32 and not set(r0["idx"].tolist()) & set(r1["idx"].tolist())
     assert common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 3
 
 
-#################################################################################
-#                   common.py: FID, Inception Score, precision/recall           #
-#################################################################################
+# ---- FID, Inception Score, precision/recall ------------------------------------
 
 # ---------------------------------------------------------------- Frechet distance
 
 def test_frechet_identical_is_zero():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(50, 8))
-    mu, sigma = feature_stats(a)
-    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    mu, sigma = common.feature_stats(a)
+    assert abs(common.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
 
 
 def test_frechet_diagonal_by_hand():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
     # ||mu diff||^2 = 1 + 0 + 4 = 5; sum (sqrt a - sqrt b)^2 = 1 + 1 + 0 = 2
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(7.0, abs=1e-12)
+    assert common.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(7.0, abs=1e-12)
 
 
 def test_frechet_singular_diagonal():
     # a zero-variance direction (fewer samples than dims) must not break the square root
-    d = frechet_distance(np.zeros(2), np.diag([0.0, 4.0]), np.zeros(2), np.diag([9.0, 1.0]))
+    d = common.frechet_distance(np.zeros(2), np.diag([0.0, 4.0]), np.zeros(2), np.diag([9.0, 1.0]))
     assert d == pytest.approx(9.0 + 1.0, abs=1e-12)  # (0-3)^2 + (2-1)^2
 
 
@@ -655,7 +646,7 @@ def test_frechet_non_diagonal_vs_independent():
     # independent: eigenvalues of the non-symmetric product (real, >= 0 in theory)
     tr = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr
-    got = frechet_distance(mu1, s1, mu2, s2)
+    got = common.frechet_distance(mu1, s1, mu2, s2)
     assert got == pytest.approx(expected, rel=1e-9)
     try:
         from scipy import linalg
@@ -668,17 +659,17 @@ def test_frechet_non_diagonal_vs_independent():
 
 def test_frechet_shape_mismatch():
     with pytest.raises(ValueError, match="shapes"):
-        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        common.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="shapes"):
-        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+        common.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
 
 
 # ---------------------------------------------------------------- precision / recall
 
 def test_precision_recall_identical_and_disjoint():
     x = np.random.default_rng(0).normal(size=(40, 5))
-    assert precision_recall(x, x) == (1.0, 1.0)
-    assert precision_recall(x, x + 1000.0) == (0.0, 0.0)
+    assert common.precision_recall(x, x) == (1.0, 1.0)
+    assert common.precision_recall(x, x + 1000.0) == (0.0, 0.0)
 
 
 def test_precision_recall_designed_fraction():
@@ -690,7 +681,7 @@ def test_precision_recall_designed_fraction():
     # precision: fakes 0..4 sit on real points, the far five are outside every real ball -> 5/10.
     # recall: fake radii (3rd NN) are 3 at 0 and 4, so fake balls cover [-3, 7] -> reals 0..7 -> 8/10.
     for batch in (1024, 3):  # chunking must not change the answer
-        p, r = precision_recall(real, fake, k=3, batch=batch)
+        p, r = common.precision_recall(real, fake, k=3, batch=batch)
         assert p == pytest.approx(0.5) and r == pytest.approx(0.8)
 
 
@@ -704,27 +695,27 @@ def test_precision_recall_vs_brute_force():
     p = (dist(fake, real) <= r_real[None]).any(1).mean()
     r = (dist(real, fake) <= r_fake[None]).any(1).mean()
     assert 0 < p < 1 and 0 < r < 1
-    assert precision_recall(real, fake, k=3, batch=7) == (pytest.approx(p), pytest.approx(r))
+    assert common.precision_recall(real, fake, k=3, batch=7) == (pytest.approx(p), pytest.approx(r))
 
 
 def test_precision_recall_too_few_points():
     with pytest.raises(ValueError):
-        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+        common.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
 
 
 # ---------------------------------------------------------------- Inception Score
 
 def test_inception_score_uniform_is_one():
-    mean, std = inception_score(np.zeros((20, 1008)), splits=2)
+    mean, std = common.inception_score(np.zeros((20, 1008)), splits=2)
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_inception_score_confident_distinct_classes():
     logits = np.full((20, 1008), -1e4)
     logits[np.arange(20), np.arange(20) % 10] = 0.0  # each split of 10 covers 10 classes once
-    mean, std = inception_score(logits, splits=2)
+    mean, std = common.inception_score(logits, splits=2)
     assert mean == pytest.approx(10.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
-    mean, _ = inception_score(logits, splits=1)
+    mean, _ = common.inception_score(logits, splits=1)
     assert mean == pytest.approx(10.0, rel=1e-9)
 
 
@@ -733,7 +724,7 @@ def test_inception_score_confident_distinct_classes():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return load_fid_inception("cpu", weights="random")
+    return common.load_fid_inception("cpu", weights="random")
 
 
 def test_fid_inception_outputs(model):
@@ -762,14 +753,14 @@ def test_fid_inception_parameter_names(model):
                 "Mixed_7c.branch_pool.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.running_var"):
         assert key in sd
     assert sd["fc.weight"].shape == (1008, 2048) and sd["fc.bias"].shape == (1008,)
-    assert isinstance(model.Mixed_5b, FIDInceptionA) and isinstance(model.Mixed_6e, FIDInceptionC)
+    assert isinstance(model.Mixed_5b, common.FIDInceptionA) and isinstance(model.Mixed_6e, common.FIDInceptionC)
     assert model.Mixed_7b.pool is not model.Mixed_7c.pool  # avg in 7b, max in 7c
 
 
 @pytest.mark.parametrize("cls,parent,args,ch", [
-    (FIDInceptionA, torchvision.models.inception.InceptionA, (16, 8), 16),
-    (FIDInceptionC, torchvision.models.inception.InceptionC, (16, 8), 16),
-    (FIDInceptionE, torchvision.models.inception.InceptionE, (16,), 16)])
+    (common.FIDInceptionA, torchvision.models.inception.InceptionA, (16, 8), 16),
+    (common.FIDInceptionC, torchvision.models.inception.InceptionC, (16, 8), 16),
+    (common.FIDInceptionE, torchvision.models.inception.InceptionE, (16,), 16)])
 def test_fid_blocks_branch_order(cls, parent, args, ch):
     # with torchvision's pooling put back, the compact forwards equal torchvision's (same
     # channel order, which the fc weights depend on); with TF pooling they differ at borders
@@ -788,15 +779,15 @@ def test_load_without_network_raises_one_line(monkeypatch):
         raise urllib.error.URLError("network blocked in test")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", blocked)
     with pytest.raises(common.UserError) as e:
-        load_fid_inception("cpu")
+        common.load_fid_inception("cpu")
     msg = str(e.value)
-    assert FID_WEIGHTS_NAME in msg and "\n" not in msg and "--inception-weights" in msg
+    assert common.FID_WEIGHTS_NAME in msg and "\n" not in msg and "--inception-weights" in msg
 
 
 def test_load_from_path(tmp_path, model):
     path = tmp_path / "w.pth"
     torch.save(model.state_dict(), path)
-    m2 = load_fid_inception("cpu", weights=str(path))
+    m2 = common.load_fid_inception("cpu", weights=str(path))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
 
 
@@ -819,19 +810,19 @@ class StubInception(nn.Module):
 
 def test_to_uint8():
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0, 1 / 127.5 - 1])
-    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 1]
-    assert to_uint8(x).dtype == torch.uint8
+    assert common.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 1]
+    assert common.to_uint8(x).dtype == torch.uint8
 
 
 def test_inception_features_tensor_and_iterable_agree():
     m = StubInception()
     imgs = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
-    f1, l1 = inception_features(m, imgs, batch_size=3)
-    f2, l2 = inception_features(m, iter([imgs[:4], imgs[4:]]))
+    f1, l1 = common.inception_features(m, imgs, batch_size=3)
+    f2, l2 = common.inception_features(m, iter([imgs[:4], imgs[4:]]))
     assert f1.dtype == np.float64 and f1.shape == (7, 2048) and l1.shape == (7, 1008)
     assert np.allclose(f1, f2, atol=1e-4) and np.allclose(l1, l2, atol=1e-4)  # float32 batching
     with pytest.raises(TypeError, match="uint8"):
-        inception_features(m, imgs.float() / 127.5 - 1)
+        common.inception_features(m, imgs.float() / 127.5 - 1)
 
 
 def test_reference_stats_cached(tmp_path):
@@ -843,29 +834,29 @@ def test_reference_stats_cached(tmp_path):
         calls.append(1)
         return iter(imgs.split(8))
 
-    ref = reference_stats("toy-16", batches, m, str(tmp_path), max_features=20)
+    ref = common.reference_stats("toy-16", batches, m, str(tmp_path), max_features=20)
     assert len(calls) == 1 and os.path.exists(tmp_path / "fid_ref_toy-16.npz")
     assert os.listdir(tmp_path) == ["fid_ref_toy-16.npz"]  # no temp file left behind
-    ref2 = reference_stats("toy-16", batches, m, str(tmp_path), max_features=20)
+    ref2 = common.reference_stats("toy-16", batches, m, str(tmp_path), max_features=20)
     assert len(calls) == 1
     assert set(ref) == {"mu", "sigma", "features", "n"} and int(ref["n"]) == 30
     assert ref["features"].shape == (20, 2048)
     for k in ref:
         assert np.array_equal(ref[k], ref2[k])
-    mu, sigma = feature_stats(inception_features(m, imgs)[0])
+    mu, sigma = common.feature_stats(common.inception_features(m, imgs)[0])
     assert np.allclose(ref["mu"], mu, atol=1e-4) and np.allclose(ref["sigma"], sigma, atol=1e-3)
 
 
 def test_fid_report_same_images(tmp_path):
     m = StubInception(dim=256)  # small features keep the 2 eigendecompositions cheap
     imgs = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)
-    ref = reference_stats("toy-16", lambda: [imgs], m, str(tmp_path))
-    rep = fid_report(m, imgs, ref)
+    ref = common.reference_stats("toy-16", lambda: [imgs], m, str(tmp_path))
+    rep = common.fid_report(m, imgs, ref)
     assert set(rep) >= {"fid", "is", "precision", "recall", "n"} and rep["n"] == 30
     assert abs(rep["fid"]) < 1e-3 * np.trace(ref["sigma"])
     assert rep["precision"] == 1.0 and rep["recall"] == 1.0
     assert rep["is"] >= 1.0
-    other = fid_report(m, torch.full_like(imgs, 255) - imgs // 4, ref)
+    other = common.fid_report(m, torch.full_like(imgs, 255) - imgs // 4, ref)
     assert other["fid"] > 1.0
 
 
@@ -900,7 +891,6 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
 #                                    asfm.py                                    #
 #################################################################################
 
-import asfm  # noqa: E402
 
 
 def test_rf_interpolant_target_and_one_step():
@@ -1104,7 +1094,7 @@ def spawn_two_ranks(fn, tmp_path, *args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(fn, args=(2, port, str(tmp_path), *args), nprocs=2)
+    mp.spawn(fn, args=(2, port, str(tmp_path), *args), nprocs=2)
 
 
 def test_init_auto_hand_over_under_two_gloo_ranks(tmp_path):
@@ -1158,9 +1148,7 @@ def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
 #                              integration_flow.py                              #
 #################################################################################
 
-import torch.multiprocessing as mp  # noqa: E402
 
-import integration_flow as IF  # noqa: E402
 
 def points_file(tmp_path, n=256, seed=0):
     """A small 2-D data set (8 gaussians) so that epochs are a few steps long."""
@@ -1187,12 +1175,10 @@ class FakeNet(torch.nn.Module):
         return self.F
 
 
-#################################################################################
-#                   forward processes and parameterizations                     #
-#################################################################################
+# ---- forward processes and parameterizations -----------------------------------
 
 def test_forward_processes_closed_form():
-    vp = IF.IntegrationFlow(ode="vp")
+    vp = integration_flow.IntegrationFlow(ode="vp")
     beta1, beta2 = 1e-4, 1e-4 + (0.02 - 1e-4) / 999
     assert vp.abar[0].item() == pytest.approx(1 - beta1, abs=1e-12)
     assert vp.abar[1].item() == pytest.approx((1 - beta1) * (1 - beta2), abs=1e-12)
@@ -1205,11 +1191,11 @@ def test_forward_processes_closed_form():
     assert vp.level(1, 1, "cpu").item() == 999 and vp.level(0, 1, "cpu").item() == 0
     t = vp.sample_time(1000, "cpu")
     assert torch.equal(t, t.round()) and t.min() >= 0 and t.max() <= 999
-    cos = IF.IntegrationFlow(ode="vp", vp_schedule="cosine")
+    cos = integration_flow.IntegrationFlow(ode="vp", vp_schedule="cosine")
     f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     assert cos.abar[499].item() == pytest.approx(f(0.5) / f(0), rel=1e-6)
 
-    ve = IF.IntegrationFlow(ode="ve")
+    ve = integration_flow.IntegrationFlow(ode="ve")
     assert ve.level(1, 1, "cpu").item() == pytest.approx(50)
     assert ve.level(0, 1, "cpu").item() == pytest.approx(0.01)
     assert ve.level(0.5, 1, "cpu").item() == pytest.approx(math.sqrt(0.5), rel=1e-5)  # geometric
@@ -1220,7 +1206,7 @@ def test_forward_processes_closed_form():
     t = ve.sample_time(1000, "cpu")
     assert t.min() >= 0.01 and t.max() <= 50
 
-    rf = IF.IntegrationFlow(ode="rf")
+    rf = integration_flow.IntegrationFlow(ode="rf")
     a, s = rf.coeffs(torch.tensor([0.25]), 4)
     assert a.shape == (1, 1, 1, 1) and (a.item(), s.item()) == (0.25, 0.75)
     assert rf.level(1, 1, "cpu").item() == 0  # sampling starts at t = 0 (noise)
@@ -1229,7 +1215,7 @@ def test_forward_processes_closed_form():
 def test_parameterizations_and_ve_boundary_exact():
     x_t, F = torch.randn(5, 2), 1e6 * torch.randn(5, 2)
     anchor = torch.randn(5, 2)
-    ve = IF.IntegrationFlow(ode="ve")
+    ve = integration_flow.IntegrationFlow(ode="ve")
     net = FakeNet(F)
     out = ve.denoise(net, x_t, torch.full((5,), 0.01), anchor)
     assert torch.equal(out, x_t)  # boundary condition: exact, even with a huge F
@@ -1239,47 +1225,51 @@ def test_parameterizations_and_ve_boundary_exact():
     assert torch.allclose(x_in, x_t / math.sqrt(1 + 0.25)) and torch.equal(extra, anchor)
     assert t_in.tolist() == pytest.approx([math.log(100) / math.log(5000)] * 5)
 
-    rf = IF.IntegrationFlow(ode="rf")
+    rf = integration_flow.IntegrationFlow(ode="rf")
     assert torch.equal(rf.denoise(net, x_t, torch.ones(5), anchor), x_t)  # t = 1 is data
     assert torch.allclose(rf.denoise(net, x_t, torch.full((5,), 0.25), anchor), x_t + 0.75 * F)
     assert torch.equal(net.calls[-1][0], x_t)
-    assert torch.allclose(IF.IntegrationFlow(ode="vp").denoise(net, x_t, torch.full((5,), 3.0), anchor), x_t - F)
-    res = IF.IntegrationFlow(ode="rf", param="residual")
+    assert torch.allclose(integration_flow.IntegrationFlow(ode="vp").denoise(net, x_t, torch.full((5,), 3.0), anchor), x_t - F)
+    res = integration_flow.IntegrationFlow(ode="rf", param="residual")
     assert torch.allclose(res.denoise(net, x_t, torch.full((5,), 0.25), anchor), x_t - F)
 
 
 def test_distances_and_loss():
-    m = IF.IntegrationFlow(distance="pseudo-huber")
+    m = integration_flow.IntegrationFlow(distance="pseudo-huber")
     a, b = torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)
     c = 0.00054 * math.sqrt(2)
     assert m.d(a, b).item() == pytest.approx(math.sqrt(25 + c * c) - c, rel=1e-6)
-    assert IF.IntegrationFlow(distance="l2").d(a, b).item() == pytest.approx(12.5)
-    # the loss is w d(out, x0) + (1 - w) d(out, anchor), out from the parameterization
-    m = IF.IntegrationFlow(ode="rf", distance="l2")
-    x0, anchor = torch.randn(8, 2), torch.randn(8, 2)
+    assert integration_flow.IntegrationFlow(distance="l2").d(a, b).item() == pytest.approx(12.5)
+    # the loss is w d(out, x1) + (1 - w) d(out, anchor), anchor = bank[idx], out from the
+    # parameterization; then bank[idx] <- out (the paper's text) or x1 (the released code)
+    m = integration_flow.IntegrationFlow(ode="rf", distance="l2")
+    x1, idx = torch.randn(8, 2), torch.arange(2, 10)
+    bank = integration_flow.AnchorBank(12, (2,), seed=1)
+    anchor, before = bank.anchors[idx].clone(), bank.anchors.clone()
     torch.manual_seed(0)
-    loss, logs = m.loss(FakeNet(torch.zeros(8, 2)), x0, anchor, 0.3)
+    loss, logs = m.loss(FakeNet(torch.zeros(8, 2)), x1, idx, bank, 0.3)
     torch.manual_seed(0)
     t = m.sample_time(8, "cpu")[:, None]
-    out = t * x0 + (1 - t) * torch.randn_like(x0)  # F = 0: out = x_t
-    want = 0.3 * (out - x0).pow(2).mean() + 0.7 * (out - anchor).pow(2).mean()
+    out = t * x1 + (1 - t) * torch.randn_like(x1)  # F = 0: out = x_t
+    want = 0.3 * (out - x1).pow(2).mean() + 0.7 * (out - anchor).pow(2).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert torch.allclose(logs["out"], out) and not logs["out"].requires_grad
-    free = IF.IntegrationFlow(bank_update="none")  # baseline: zero anchor in, w = 1
+    assert torch.allclose(bank.anchors[idx], out) and torch.equal(bank.anchors[:2], before[:2])
+    assert torch.allclose(logs["anchor_change"], (out - anchor).norm(dim=1))
+    integration_flow.IntegrationFlow(ode="rf", bank_update="data").loss(FakeNet(torch.zeros(8, 2)), x1, idx, bank, 0.3)
+    assert torch.equal(bank.anchors[idx], x1)
+    free = integration_flow.IntegrationFlow(bank_update="none")  # baseline: zero anchor in, w = 1, no bank
     net = FakeNet(torch.zeros(8, 2))
-    loss, logs = free.loss(net, x0, anchor, 0.3)
+    loss, logs = free.loss(net, x1, idx, None, 0.3)
     assert torch.equal(net.calls[-1][2], torch.zeros(8, 2)) and logs["w"].item() == 1.0
-    assert loss.item() == pytest.approx(logs["d_data"].item())
+    assert loss.item() == pytest.approx(logs["d_data"].item()) and "anchor_change" not in logs
 
 
-#################################################################################
-#                                 anchor bank                                   #
-#################################################################################
+# ---- anchor bank ---------------------------------------------------------------
 
 def test_bank_init_read_write():
-    bank = IF.AnchorBank(20000, (2,), seed=3)
+    bank = integration_flow.AnchorBank(20000, (2,), seed=3)
     assert abs(bank.anchors.mean().item()) < 0.03 and abs(bank.anchors.std().item() - 1) < 0.03
-    assert torch.equal(bank.anchors, IF.AnchorBank(20000, (2,), seed=3).anchors)  # same on all ranks
+    assert torch.equal(bank.anchors, integration_flow.AnchorBank(20000, (2,), seed=3).anchors)  # same on all ranks
     before = bank.anchors.clone()
     got = bank.read(torch.tensor([7]))
     got += 100  # a copy: the bank is unchanged
@@ -1292,20 +1282,20 @@ def test_bank_init_read_write():
     rest[[5, 2]] = False
     assert torch.equal(bank.anchors[rest], before[rest])  # only the global indices written
     assert change.tolist() == pytest.approx((new.detach() * 2 - before[[5, 2]]).norm(dim=1).tolist())
-    half = IF.AnchorBank(10, (3, 4, 4), dtype=torch.float16)
+    half = integration_flow.AnchorBank(10, (3, 4, 4), dtype=torch.float16)
     assert half.anchors.dtype == torch.float16 and half.read(torch.tensor([0])).dtype == torch.float32
 
 
 @pytest.mark.parametrize("mode", ["output", "data", "none"])
 def test_bank_update_modes_in_training(tmp_path, mode):
     path, x = points_file(tmp_path)
-    IF.main(small(tmp_path, mode, "--dataset", "points", "--data-dir", path, "--steps", "1",
+    integration_flow.main(small(tmp_path, mode, "--dataset", "points", "--data-dir", path, "--steps", "1",
                   "--bank-update", mode))
     ckpt = common.load_checkpoint(str(tmp_path / mode / "ckpt.pt"))
     if mode == "none":
         assert "bank" not in ckpt["state"]
         return
-    init = IF.AnchorBank(len(x), (2,), seed=0).anchors
+    init = integration_flow.AnchorBank(len(x), (2,), seed=0).anchors
     bank = ckpt["state"]["bank"]
     changed = (bank != init).any(1)
     assert changed.sum().item() == 64  # one batch, written at its global indices
@@ -1318,9 +1308,9 @@ def test_bank_update_modes_in_training(tmp_path, mode):
 def test_resume_is_exact(tmp_path):
     path, _ = points_file(tmp_path)
     base = ["--dataset", "points", "--data-dir", path, "--ckpt-every", "6"]
-    IF.main(small(tmp_path, "a", *base, "--steps", "14"))
-    IF.main(small(tmp_path, "b", *base, "--steps", "6"))
-    IF.main(small(tmp_path, "b", *base, "--steps", "14", "--resume"))
+    integration_flow.main(small(tmp_path, "a", *base, "--steps", "14"))
+    integration_flow.main(small(tmp_path, "b", *base, "--steps", "6"))
+    integration_flow.main(small(tmp_path, "b", *base, "--steps", "14", "--resume"))
     a, b = (common.load_checkpoint(str(tmp_path / n / "ckpt.pt")) for n in "ab")
     for key in ("net", "ema"):
         for k in a["state"][key]:
@@ -1334,7 +1324,7 @@ def test_resume_is_exact(tmp_path):
 def _if_bank_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    bank = IF.AnchorBank(16, (2,), seed=0)
+    bank = integration_flow.AnchorBank(16, (2,), seed=0)
     idx = torch.arange(rank, 16, world)[:4]  # disjoint global indices per rank
     change = bank.write(idx, torch.full((4, 2), float(rank + 1)))
     bank.check_consistent()
@@ -1360,7 +1350,7 @@ def test_bank_identical_on_two_gloo_ranks(tmp_path):
     mp.spawn(_if_bank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["bank"], r1["bank"]) and r0["n_change"] == 8  # 4 pairs from each rank
-    init = IF.AnchorBank(16, (2,), seed=0).anchors
+    init = integration_flow.AnchorBank(16, (2,), seed=0).anchors
     assert torch.equal(r0["bank"][[0, 2, 4, 6]], torch.ones(4, 2))  # rank 0's writes
     assert torch.equal(r0["bank"][[1, 3, 5, 7]], torch.full((4, 2), 2.0))  # rank 1's, on rank 0
     assert torch.equal(r0["bank"][8:], init[8:])
@@ -1377,20 +1367,18 @@ def test_torchrun_two_ranks_write_global_indices(tmp_path):
     res = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     bank = common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["state"]["bank"]
-    changed = (bank != IF.AnchorBank(128, (2,), seed=0).anchors).any(1)
+    changed = (bank != integration_flow.AnchorBank(128, (2,), seed=0).anchors).any(1)
     assert changed.sum().item() == 3 * 32  # both ranks' 16 rows per step, in rank 0's copy
 
 
-#################################################################################
-#                       sampling, toy behaviour, images, CLI                    #
-#################################################################################
+# ---- sampling, toy behaviour, images, CLI --------------------------------------
 
 def test_sampler_iterations_and_change_log():
     torch.manual_seed(0)
     net = common.MLP(2, 32, 2, 0, 2)
     z = torch.randn(50, 2)
     for ode in ("vp", "ve", "rf"):
-        m = IF.IntegrationFlow(ode=ode)
+        m = integration_flow.IntegrationFlow(ode=ode)
         x, info = m.sample(net, z, 5)
         assert info["nfe"] == 5 and len(info["change"]) == 5 and torch.isfinite(x).all()
         x1, _ = m.sample(net, z, 1, anchor=torch.zeros_like(z))
@@ -1399,7 +1387,7 @@ def test_sampler_iterations_and_change_log():
         assert torch.allclose(x1, want)  # one step: G(x_T, T, a)
         x, info = m.sample(net, z, 3, sampler="renoise")
         assert info["nfe"] == 3 and torch.isfinite(x).all()
-    x, info = IF.IntegrationFlow(bank_update="none").sample(net, z, 8)
+    x, info = integration_flow.IntegrationFlow(bank_update="none").sample(net, z, 8)
     assert info["nfe"] == 1  # the anchor-free model does not iterate
 
 
@@ -1414,10 +1402,10 @@ def test_toy_anchor_vs_plain_regression(tmp_path):
     for mode in ("output", "none"):
         args = small(tmp_path, mode, "--steps", "800", "--width", "128", "--batch-size", "256",
                      "--bank-update", mode, "--log-every", "400")
-        IF.main(args)
+        integration_flow.main(args)
         net = common.MLP(2, 128, 2, 0, 2)
         common.load_weights(net, str(tmp_path / mode / "ckpt.pt"))
-        m = IF.IntegrationFlow(bank_update=mode)
+        m = integration_flow.IntegrationFlow(bank_update=mode)
         torch.manual_seed(0)
         z = torch.randn(2000, 2)
         res[mode] = {k: common.sliced_wasserstein(m.sample(net, z, k)[0], ref) for k in (1, 16)}
@@ -1433,7 +1421,6 @@ def test_toy_anchor_vs_plain_regression(tmp_path):
 
 
 def test_images_folder_unet(tmp_path):
-    from PIL import Image
     folder = tmp_path / "imgs"
     folder.mkdir()
     g = np.random.default_rng(0)
@@ -1442,10 +1429,10 @@ def test_images_folder_unet(tmp_path):
     argv = ["--dataset", "folder", "--data-dir", str(folder), "--preset", "tiny", "--width", "16",
             "--batch-size", "4", "--steps", "3", "--ode", "vp", "--bank-dtype", "float16",
             "--out-dir", str(tmp_path / "img"), "--n-conv", "4", "--conv-iters", "2"]
-    IF.main(argv)
+    integration_flow.main(argv)
     ckpt = common.load_checkpoint(str(tmp_path / "img" / "ckpt.pt"))
     assert ckpt["state"]["bank"].shape == (8, 3, 16, 16) and ckpt["state"]["bank"].dtype == torch.float16
-    IF.main(argv + ["--mode", "sample", "--n", "4", "--nfe", "1,2"])
+    integration_flow.main(argv + ["--mode", "sample", "--n", "4", "--nfe", "1,2"])
     s = np.load(tmp_path / "img" / "samples" / "nfe2.npz")
     assert s["samples"].shape == (4, 16, 16, 3) and int(s["nfe"]) == 2
 
@@ -1472,7 +1459,7 @@ def test_xattn_unet_never_sees_anchor_pixel_positions():
     with torch.no_grad():
         assert (cat(x, t, extra=a) - cat(x, t, extra=a_perm)).abs().max() > 1e-2
     # through the method: denoise() routes the anchor to context= only
-    m = IF.IntegrationFlow(ode="ve", anchor_input="xattn")
+    m = integration_flow.IntegrationFlow(ode="ve", anchor_input="xattn")
     with torch.no_grad():
         d1 = m.denoise(net, x, torch.full((2,), 3.0), a)
         d2 = m.denoise(net, x, torch.full((2,), 3.0), a_perm)
@@ -1496,7 +1483,7 @@ def test_vp_image_sampler_follows_dddm():
     """DDDM's image sampler: VP starts at n = N (x_T = z, t_net = 1) and clamps every
     iteration; 2-D data starts at the last trained index N - 1 and is not clamped."""
     z = torch.randn(3, 1, 4, 4)
-    m = IF.IntegrationFlow(ode="vp")
+    m = integration_flow.IntegrationFlow(ode="vp")
     net = FakeNet(torch.full((3, 1, 4, 4), -5.0))  # out = x_T - F = x_T + 5
     x, _ = m.sample(net, z, 2, images=True)
     x_in, t_in, _ = net.calls[0]
@@ -1513,7 +1500,6 @@ def test_vp_image_sampler_follows_dddm():
 def test_images_train_and_sample_both_anchor_inputs(tmp_path, ode, inp):
     """Training and sampling run for every forward process with either anchor input; the
     checkpoint alone rebuilds the right network (the flag comes from its config)."""
-    from PIL import Image
     folder = tmp_path / "imgs"
     folder.mkdir()
     g = np.random.default_rng(0)
@@ -1523,25 +1509,25 @@ def test_images_train_and_sample_both_anchor_inputs(tmp_path, ode, inp):
     argv = ["--dataset", "folder", "--data-dir", str(folder), "--preset", "tiny", "--width", "8",
             "--batch-size", "4", "--steps", "2", "--ode", ode,
             "--out-dir", str(out), "--n-conv", "2", "--conv-iters", "2", "--sample-every", "0"]
-    IF.main(argv + ["--anchor-input", inp])
+    integration_flow.main(argv + ["--anchor-input", inp])
     state = common.load_checkpoint(str(out / "ckpt.pt"))["state"]["ema"]
     assert any("mid_xattn" in k for k in state) == (inp == "xattn")
     assert state["conv_in.weight"].shape[1] == (3 if inp == "xattn" else 6)
-    IF.main(["--ckpt", str(out / "ckpt.pt"), "--mode", "sample", "--n", "2", "--nfe", "1,2"])
+    integration_flow.main(["--ckpt", str(out / "ckpt.pt"), "--mode", "sample", "--n", "2", "--nfe", "1,2"])
     s = np.load(out / "samples" / "nfe2.npz")
     assert s["samples"].shape == (2, 16, 16, 3)
 
 
 def test_xattn_needs_unet(tmp_path):
     with pytest.raises(common.UserError, match="2-D point"):
-        IF.main(small(tmp_path, "bad", "--steps", "1", "--anchor-input", "xattn"))
+        integration_flow.main(small(tmp_path, "bad", "--steps", "1", "--anchor-input", "xattn"))
     with pytest.raises(common.UserError, match="needs --arch unet"):
-        IF.main(["--dataset", "folder", "--data-dir", str(tmp_path), "--arch", "dit",
+        integration_flow.main(["--dataset", "folder", "--data-dir", str(tmp_path), "--arch", "dit",
                  "--anchor-input", "xattn", "--out-dir", str(tmp_path / "dit")])
 
 
 def test_bench_prints_ratio(tmp_path, capsys):
-    IF.main(small(tmp_path, "bench", "--mode", "bench", "--nfe", "1"))
+    integration_flow.main(small(tmp_path, "bench", "--mode", "bench", "--nfe", "1"))
     assert "bench ratio: Integration Flow step / RF step" in capsys.readouterr().out
 
 
@@ -1553,15 +1539,15 @@ def test_bench_prints_ratio(tmp_path, capsys):
 ])
 def test_bad_input_one_line_errors(tmp_path, flags, msg):
     with pytest.raises(common.UserError, match=msg):
-        IF.main(small(tmp_path, "bad", "--steps", "1", *flags))
+        integration_flow.main(small(tmp_path, "bad", "--steps", "1", *flags))
 
 
 def test_resume_needs_matching_bank_mode(tmp_path):
     path, _ = points_file(tmp_path)
-    IF.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "1",
+    integration_flow.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "1",
                   "--bank-update", "none"))
     with pytest.raises(common.UserError, match="no anchor bank"):
-        IF.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "2",
+        integration_flow.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "2",
                       "--resume"))
 
 
@@ -1569,42 +1555,41 @@ def test_resume_needs_matching_bank_mode(tmp_path):
 #                              consistency_func.py                              #
 #################################################################################
 
-import consistency_func as cf  # noqa: E402
 
 
 # ---- iCT formulas against hand-computed values ----------------------------------------
 
 def test_karras_grid_endpoints_and_middle():
-    s = cf.karras_sigmas(3)
+    s = consistency_func.karras_sigmas(3)
     assert s[0].item() == pytest.approx(0.002, rel=1e-12)
     assert s[-1].item() == pytest.approx(80.0, rel=1e-12)
     # ((0.002^(1/7) + 80^(1/7)) / 2)^7 by hand
     assert s[1].item() == pytest.approx(2.515218976, rel=1e-8)
-    assert torch.all(cf.karras_sigmas(1281).diff() > 0)
+    assert torch.all(consistency_func.karras_sigmas(1281).diff() > 0)
 
 
 def test_curriculum_stages():
     # K = 800: K' = floor(800 / (log2(floor(1280/10)) + 1)) = floor(800 / 8) = 100
-    assert [cf.num_scales(k, 800) for k in (0, 99, 100, 199, 200, 300, 699, 700, 799)] == \
+    assert [consistency_func.num_scales(k, 800) for k in (0, 99, 100, 199, 200, 300, 699, 700, 799)] == \
         [11, 11, 21, 21, 41, 81, 641, 1281, 1281]
     # K = 1000: K' = 125; the cap s1 + 1 = 1281 is reached at stage 7
-    assert cf.num_scales(124, 1000) == 11 and cf.num_scales(125, 1000) == 21
-    assert cf.num_scales(10 ** 6, 1000) == 1281
+    assert consistency_func.num_scales(124, 1000) == 11 and consistency_func.num_scales(125, 1000) == 21
+    assert consistency_func.num_scales(10 ** 6, 1000) == 1281
 
 
 def test_index_probabilities():
-    s = cf.karras_sigmas(3).tolist()
+    s = consistency_func.karras_sigmas(3).tolist()
     cdf = [math.erf((math.log(v) + 1.1) / (math.sqrt(2) * 2.0)) for v in s]
     raw = [cdf[1] - cdf[0], cdf[2] - cdf[1]]
-    p = cf.index_probs(cf.karras_sigmas(3))
+    p = consistency_func.index_probs(consistency_func.karras_sigmas(3))
     assert p.tolist() == pytest.approx([r / sum(raw) for r in raw], rel=1e-12)
     for N in (11, 1281):
-        p = cf.index_probs(cf.karras_sigmas(N))
+        p = consistency_func.index_probs(consistency_func.karras_sigmas(N))
         assert len(p) == N - 1 and (p >= 0).all() and p.sum().item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_scalings_and_boundary_condition_exact():
-    m = cf.ConsistencyTraining(100)
+    m = consistency_func.ConsistencyTraining(100)
     sigma = torch.tensor([0.002, 1.0, 80.0])
     c_skip, c_out, c_in = m.scalings(sigma)
     assert c_skip.tolist() == pytest.approx([1.0, 0.25 / (0.998 ** 2 + 0.25), 0.25 / (79.998 ** 2 + 0.25)])
@@ -1613,7 +1598,7 @@ def test_scalings_and_boundary_condition_exact():
     torch.manual_seed(0)
     for net, x in ((common.MLP(2, 32, 2), torch.randn(5, 2)),
                    (common.FuncGenerator(3, 8, 2, 32, 1, 4), torch.randn(5, 3, 8, 8))):
-        smin = torch.full((5,), cf.SIGMA_MIN)
+        smin = torch.full((5,), consistency_func.SIGMA_MIN)
         assert torch.equal(m.denoise(net, x, smin), x)  # f(x, sigma_min) = x exactly
 
 
@@ -1624,13 +1609,13 @@ class ZeroNet(nn.Module):
 
 def test_loss_value_weight_and_huber_constant():
     """With F = 0, f = c_skip x_sigma, so the loss can be recomputed by hand from the same draws."""
-    m, x = cf.ConsistencyTraining(800), torch.randn(6, 3, 4, 4)
+    m, x = consistency_func.ConsistencyTraining(800), torch.randn(6, 3, 4, 4)
     torch.manual_seed(1)
     loss, logs = m.loss(ZeroNet(), x, k=150)  # stage 1: N = 21
     assert logs["N"] == 21
     torch.manual_seed(1)
-    s = cf.karras_sigmas(21)
-    i = torch.multinomial(cf.index_probs(s), 6, replacement=True)
+    s = consistency_func.karras_sigmas(21)
+    i = torch.multinomial(consistency_func.index_probs(s), 6, replacement=True)
     z = torch.randn_like(x)
     s0, s1 = s[i].float().view(-1, 1, 1, 1), s[i + 1].float().view(-1, 1, 1, 1)
     skip = lambda sig: 0.25 / ((sig - 0.002) ** 2 + 0.25)  # noqa: E731
@@ -1655,7 +1640,7 @@ class Recorder(nn.Module):
 
 
 def test_teacher_no_grad_same_noise_same_dropout():
-    m, net = cf.ConsistencyTraining(100), Recorder().train()
+    m, net = consistency_func.ConsistencyTraining(100), Recorder().train()
     x = torch.randn(64, 2)
     loss, _ = m.loss(net, x, k=0)
     teacher, student = net.calls
@@ -1682,7 +1667,7 @@ def test_func_student_teacher_same_jittered_grid(monkeypatch):
     net = common.FuncGenerator(3, 8, 2, 32, 1, 4, dropout=0.3).train()
     render = net.render
     monkeypatch.setattr(net, "render", lambda fns, size=None, coords=None: renders.append(coords) or render(fns, size, coords))
-    cf.ConsistencyTraining(100).loss(net, torch.randn(4, 3, 8, 8), k=0)
+    consistency_func.ConsistencyTraining(100).loss(net, torch.randn(4, 3, 8, 8), k=0)
     assert len(grids) == 1 and grids[0].shape == (4, 8, 8, 2)
     assert len(renders) == 2 and all(c is grids[0] for c in renders)  # teacher and student
     base = original(8)
@@ -1690,13 +1675,13 @@ def test_func_student_teacher_same_jittered_grid(monkeypatch):
     # the skip term reads x at the same jittered coordinates: with F = 0 (c_out ~ 0 at
     # 5 sigma_min aside), f - c_out F = c_skip sample_at(x, grid)
     x, sigma = torch.randn(4, 3, 8, 8), torch.full((4,), 1.0)
-    m = cf.ConsistencyTraining(100)
+    m = consistency_func.ConsistencyTraining(100)
     c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in m.scalings(sigma))
     f = m.denoise(net, x, sigma, coords=grids[0])
     F_ = net(c_in * x, 0.25 * sigma.log(), coords=grids[0])
     assert torch.allclose(f, c_skip * common.sample_at(x, grids[0]) + c_out * F_, atol=1e-6)
     net.eval()
-    assert cf.ConsistencyTraining.train_coords(net, x) is None  # no jitter at sampling
+    assert consistency_func.ConsistencyTraining.train_coords(net, x) is None  # no jitter at sampling
 
 
 def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
@@ -1714,7 +1699,7 @@ def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
     for p in net.parameters():  # leave the zero-init so that the output depends on the input
         if p.abs().sum() == 0:
             nn.init.normal_(p, std=0.05)
-    m = cf.ConsistencyTraining(10)
+    m = consistency_func.ConsistencyTraining(10)
     for nfe in (1, 2):
         z = torch.randn(4, 3, 16, 16)
         torch.manual_seed(1)
@@ -1731,10 +1716,10 @@ def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
 
 
 def test_sampling_sigmas_two_step_is_icts():
-    m = cf.ConsistencyTraining(100)
+    m = consistency_func.ConsistencyTraining(100)
     assert m.sampling_sigmas(1) == [80.0] and m.sampling_sigmas(2) == [80.0, 0.821]  # iCT
-    assert cf.ConsistencyTraining(100, two_step_sigma=1.5).sampling_sigmas(2) == [80.0, 1.5]
-    assert m.sampling_sigmas(3) == pytest.approx(cf.karras_sigmas(4).flip(0)[:3].tolist())
+    assert consistency_func.ConsistencyTraining(100, two_step_sigma=1.5).sampling_sigmas(2) == [80.0, 1.5]
+    assert m.sampling_sigmas(3) == pytest.approx(consistency_func.karras_sigmas(4).flip(0)[:3].tolist())
 
 
 # ---- the INR generator -----------------------------------------------------------------
@@ -1776,7 +1761,6 @@ def test_generator_bad_input():
 # ---- training: pre-training, resume, 2-D ---------------------------------------------------
 
 def _image_folder(path, n=8, size=16):
-    from PIL import Image
     rng = np.random.default_rng(0)
     path.mkdir()
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -1794,7 +1778,7 @@ def _args(folder, out, *extra):
 
 
 def _folder_images(folder):
-    args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
+    args = common.finish_args(common.add_common_args(argparse.ArgumentParser()).parse_args(
         ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny"]))
     data = common.load_data(args)
     return torch.stack([data.dataset[i][0] for i in range(len(data))])
@@ -1809,7 +1793,7 @@ def _trained_func(state):
 def _noise_kept(net, x, sigma=0.1, draws=8):
     """<f(x + sigma z, sigma) - x, sigma z> / ||sigma z||^2: the fraction of the input noise
     left in the output (a network that ignores the noise keeps exactly c_skip(sigma))."""
-    m, torch_gen = cf.ConsistencyTraining(1), torch.Generator().manual_seed(0)
+    m, torch_gen = consistency_func.ConsistencyTraining(1), torch.Generator().manual_seed(0)
     num = den = 0.0
     with torch.no_grad():
         for _ in range(draws):
@@ -1825,30 +1809,30 @@ def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
     sigma 0.1 (measured 0.83 after 80 steps; the Fourier-features-only generator kept
     0.961). Denoise MSE at sigma 0.5 measured 0.038 vs the per-pixel-mean floor 0.084."""
     folder = _image_folder(tmp_path / "imgs")
-    x, m = _folder_images(folder), cf.ConsistencyTraining(1)
+    x, m = _folder_images(folder), consistency_func.ConsistencyTraining(1)
     floor = (x - x.mean(0)).pow(2).mean().item()
-    cf.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
+    consistency_func.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
     init = _trained_func(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"])
     # A: 80 warm-start steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
-    cf.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3"))
+    consistency_func.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3"))
     # B: the same run stopped at the phase boundary, then resumed
-    cf.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "80", "--lr", "5e-3"))
+    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "80", "--lr", "5e-3"))
     pre = common.load_checkpoint(str(tmp_path / "b/ckpt.pt"))
     net = _trained_func(pre["state"]["net"])
-    before, after = cf.denoise_mse(init, x, m), cf.denoise_mse(net, x, m)
+    before, after = consistency_func.denoise_mse(init, x, m), consistency_func.denoise_mse(net, x, m)
     assert pre["step"] == 80 and after < 0.6 * min(before, floor), (before, after, floor)
     c_skip = m.scalings(torch.tensor([0.1]))[0].item()
     kept_init, kept = _noise_kept(init, x), _noise_kept(net, x)
     assert abs(kept_init - c_skip) < 0.02, (kept_init, c_skip)  # untrained: F ignores the noise
     assert kept < c_skip - 0.1, (kept, c_skip)  # 0.83 measured
-    cf.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3", "--resume"))
+    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3", "--resume"))
     a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
     assert a["step"] == b["step"] == 83
     for key in ("net", "ema"):
         for name, v in a["state"][key].items():
             assert torch.equal(v, b["state"][key][name]), (key, name)
     # any-resolution sampling from the same functions, and a figure
-    cf.main(_args(folder, tmp_path / "a", "--mode", "sample", "--n", "4", "--nfe", "1",
+    consistency_func.main(_args(folder, tmp_path / "a", "--mode", "sample", "--n", "4", "--nfe", "1",
                   "--sample-res", "8,16,32"))
     out = np.load(tmp_path / "a/samples/res32.npz")["samples"]
     assert out.shape == (4, 32, 32, 3)
@@ -1858,18 +1842,18 @@ def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
 def test_fixed_grid_arch_refuses_other_resolutions(tmp_path):
     folder = _image_folder(tmp_path / "imgs", n=2)
     with pytest.raises(common.UserError, match="needs --arch func"):
-        cf.main(_args(folder, tmp_path / "u", "--arch", "unet", "--mode", "sample",
+        consistency_func.main(_args(folder, tmp_path / "u", "--arch", "unet", "--mode", "sample",
                       "--sample-res", "16,32"))
     with pytest.raises(common.UserError, match="sample-res"):
-        cf.main(_args(folder, tmp_path / "u", "--mode", "sample", "--sample-res", "a,b"))
+        consistency_func.main(_args(folder, tmp_path / "u", "--mode", "sample", "--sample-res", "a,b"))
 
 
 def test_toy_one_step_samples_approach_the_data(tmp_path):
     common_args = ["--dataset", "8gaussians", "--width", "64", "--batch-size", "256",
                    "--ema-decay", "0.95", "--log-every", "100", "--out-dir", str(tmp_path)]
-    cf.main(common_args + ["--steps", "0"])
+    consistency_func.main(common_args + ["--steps", "0"])
     torch.manual_seed(0)
-    args = common.finish_args(common.add_common_args(__import__("argparse").ArgumentParser()).parse_args(
+    args = common.finish_args(common.add_common_args(argparse.ArgumentParser()).parse_args(
         ["--dataset", "8gaussians", "--width", "64"]))
     data = common.load_data(args)
     ref = data.fresh(2000)
@@ -1878,11 +1862,11 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
         net = common.MLP(2, 64, 3)
         common.load_weights(net, str(tmp_path / "ckpt.pt"))
         torch.manual_seed(0)
-        x, info = cf.ConsistencyTraining(1, data.x.std().item()).sample(net.eval(), torch.randn(2000, 2), 1)
+        x, info = consistency_func.ConsistencyTraining(1, data.x.std().item()).sample(net.eval(), torch.randn(2000, 2), 1)
         assert info["nfe"] == 1
         return common.toy_metrics(x, ref)["sw2"]
     before = sw2()
-    cf.main(common_args + ["--steps", "600", "--overwrite"])
+    consistency_func.main(common_args + ["--steps", "600", "--overwrite"])
     after = sw2()
     assert after < 0.65 * before, (before, after)  # 2.14 -> 0.95 here
 
@@ -1891,9 +1875,7 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
 #                                  scoreflow.py                                 #
 #################################################################################
 
-import re  # noqa: E402
 
-import scoreflow  # noqa: E402
 
 SF_TINY = ["--width", "64", "--depth", "2", "--batch-size", "256", "--lr", "3e-3", "--ema-decay", "0.9",
         "--fid-n", "300", "--n", "16", "--nfe", "1", "--log-every", "1000"]
@@ -2029,7 +2011,7 @@ def test_training_learns(cond_toy):
     untrained = common.build_net(args, data.shape, num_classes=8)
     ref = data.fresh(500)
     torch.manual_seed(0)
-    sw = [common.sliced_wasserstein(scoreflow.sampler(args, run, data, None, net, method)(500, 8)[0], ref)
+    sw = [common.sliced_wasserstein(scoreflow.sampler(args, run, data, net, method)(500, 8)[0], ref)
           for net in (untrained, trained)]
     assert sw[1] < 0.5 * sw[0], sw
 
@@ -2094,7 +2076,6 @@ def test_bad_input_errors(cond_toy, tmp_path):
         scoreflow.main(SF_TINY + ["--beta", "-1", "--out-dir", str(tmp_path)])
     with pytest.raises(common.UserError, match="--src-class a --tgt-class b"):
         scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy])
-    import numpy as np
     np.save(tmp_path / "x.npy", np.random.randn(600, 2).astype("float32"))
     with pytest.raises(common.UserError, match="no class labels"):
         scoreflow.main(SF_TINY + ["--dataset", "points", "--data-dir", str(tmp_path / "x.npy"),
@@ -2104,7 +2085,6 @@ def test_bad_input_errors(cond_toy, tmp_path):
 def test_images_class_translation_and_bpd(tmp_path):
     """Tiny class-folder images: train a few steps, translate class 0 -> 1 (FID with random
     Inception weights: plumbing only), bits/dim."""
-    from PIL import Image
     g = torch.Generator().manual_seed(0)
     for c in range(2):
         os.makedirs(tmp_path / "img" / f"c{c}")
@@ -2139,10 +2119,9 @@ def test_scoreflow_under_torchrun_two_gloo_ranks(tmp_path):
 #################################################################################
 
 #################################################################################
-#            every script on real digits (--dataset digits, train -> sample)    #
+#         all four scripts: real digits, one step per method, CLI layout        #
 #################################################################################
 
-SCRIPTS = {"asfm": asfm, "integration_flow": IF, "consistency_func": cf, "scoreflow": scoreflow}
 
 
 @pytest.mark.parametrize("script,arch", [("asfm", "unet"), ("asfm", "dit"),
@@ -2154,10 +2133,10 @@ def test_every_script_trains_on_digits_and_samples_from_the_checkpoint_alone(scr
     out = str(tmp_path / "run")
     extra = {"asfm": ["--stage", "rf"], "consistency_func": ["--pretrain-epochs", "0"],
              "integration_flow": ["--n-conv", "8", "--conv-iters", "2"]}.get(script, [])
-    SCRIPTS[script].main(["--dataset", "digits", "--arch", arch, "--steps", "2", "--batch-size", "8",
+    MODULES[script].main(["--dataset", "digits", "--arch", arch, "--steps", "2", "--batch-size", "8",
                           "--width", "32", "--device", "cpu", "--out-dir", out, *extra])
     # only the mode and the checkpoint: dataset, network and method flags come from its config
-    SCRIPTS[script].main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1",
+    MODULES[script].main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1",
                           "--n", "4"])
     samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
     assert samples.shape == (4, 16, 16, 1) and samples.dtype == np.uint8
@@ -2168,7 +2147,6 @@ def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
     """A class-conditional ScoreFlow on digits: eval prints digits-FD with its floor for the EMA
     and the online weights (different numbers), and translation 3 -> 8 reports how many
     translated digits the classifier reads as 8s."""
-    import shutil
     os.makedirs(tmp_path / "fid_stats")  # the scripts' cache: <run>/../fid_stats
     shutil.copy(os.path.join(digits_fd.cache_dir, "digits_classifier-16.pt"), tmp_path / "fid_stats")
     out, ckpt = str(tmp_path / "sf"), str(tmp_path / "sf" / "ckpt.pt")
@@ -2190,7 +2168,6 @@ def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
     assert os.path.isfile(os.path.join(out, "translate_class_two-pass.png"))
 
 
-import toy2d  # noqa: E402
 
 
 def test_toy2d_end_to_end_and_deterministic(tmp_path):
@@ -2215,3 +2192,74 @@ def test_toy2d_user_points_and_bad_method(tmp_path):
     assert list(res) == [("noise->pts.npy", "rf")]
     with pytest.raises(common.UserError, match="unknown method 'dm'"):
         toy2d.main(["--methods", "rf,dm"])
+
+
+# ---- one vocabulary, one step per method, run folders ----------------------------
+
+def test_one_training_step_per_method_used_by_loop_bench_and_toy2d(tmp_path, monkeypatch):
+    calls = {"asfm": 0, "if": 0}
+    step, loss = asfm.ASFM.train_step, integration_flow.IntegrationFlow.loss
+
+    def count(key, fn):
+        def wrapped(self, *a, **k):
+            calls[key] += 1
+            return fn(self, *a, **k)
+        return wrapped
+    monkeypatch.setattr(asfm.ASFM, "train_step", count("asfm", step))
+    monkeypatch.setattr(integration_flow.IntegrationFlow, "loss", count("if", loss))
+    few = ["--width", "16", "--batch-size", "32", "--device", "cpu", "--nfe", "1"]
+    asfm.main(["--stage", "asfm", "--init", "none", "--steps", "3", "--mem-size", "2",
+               "--out-dir", str(tmp_path / "a")] + few)
+    integration_flow.main(small(tmp_path, "i", "--steps", "3", "--device", "cpu"))
+    assert calls == {"asfm": 3, "if": 3}  # the training loops
+    asfm.main(["--stage", "asfm", "--mode", "bench", "--mem-size", "2", "--freq", "1",
+               "--out-dir", str(tmp_path / "b")] + few)
+    integration_flow.main(small(tmp_path, "j", "--mode", "bench", "--nfe", "1", "--device", "cpu"))
+    assert calls["asfm"] > 3 and calls["if"] > 3  # --mode bench times the same step
+    bench = dict(calls)
+    setup = toy2d.Setup("t", torch.randn(1024, 2), torch.randn(200, 2))
+    cache = {}
+    toy2d.train_method("asfm", setup, 20, cache)  # ASFM trains steps // 2 from the 1-RF
+    toy2d.train_method("if", setup, 20, cache)
+    assert calls == {"asfm": bench["asfm"] + 10, "if": bench["if"] + 20}
+
+
+def test_init_auto_trains_the_printed_stage_rf_command(tmp_path, capsys):
+    argv = ["--stage", "asfm", "--rf-steps", "3", "--steps", "1", "--mem-size", "2", "--batch-size", "32",
+            "--width", "16", "--device", "cpu", "--out-dir", str(tmp_path / "auto" / "asfm-8gaussians-toy")]
+    asfm.main(argv)
+    printed = re.search(r"training the 1-RF first: python asfm.py (.*)", capsys.readouterr().out).group(1)
+    rf_dir = str(tmp_path / "auto" / "asfm-rf-8gaussians-toy")
+    assert printed.split() == argv + ["--stage", "rf", "--steps", "3", "--out-dir", rf_dir, "--resume"]
+    # the same command typed by hand (into another folder) trains the same 1-RF
+    asfm.main(printed.split()[:-3] + ["--out-dir", str(tmp_path / "hand")])
+    auto, hand = (common.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (rf_dir, tmp_path / "hand"))
+    assert auto["step"] == hand["step"] == 3
+    assert all(torch.equal(auto["state"]["ema"][k], hand["state"]["ema"][k]) for k in auto["state"]["ema"])
+    asfm.main(argv + ["--resume", "--steps", "2"])  # a finished 1-RF is reused, not retrained
+    assert "training the 1-RF first" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script,first", [("asfm", "--stage"), ("integration_flow", "--ode"),
+                                          ("consistency_func", "--pretrain-epochs"), ("scoreflow", "--beta")])
+def test_help_lists_the_method_flags_before_the_shared_ones(script, first, capsys):
+    with pytest.raises(SystemExit):
+        MODULES[script].main(["--help"])
+    text = capsys.readouterr().out
+    assert text.index(f"  {first}") < text.index("flags shared by the four scripts") < text.index("  --dataset")
+
+
+def test_run_folders_are_named_after_the_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert asfm.parse([]).out_dir == os.path.join("runs", "asfm-8gaussians-toy")
+    assert asfm.parse(["--stage", "rf"]).out_dir == os.path.join("runs", "asfm-rf-8gaussians-toy")
+    consistency_func.main(["--steps", "1", "--width", "16", "--batch-size", "32", "--device", "cpu"])
+    integration_flow.main(["--steps", "1", "--width", "16", "--batch-size", "32", "--device", "cpu",
+                           "--n-conv", "8", "--conv-iters", "2", "--fid-n", "50"])
+    assert sorted(os.listdir("runs")) == ["consistency_func-8gaussians-toy", "integration_flow-8gaussians-toy"]
+
+
+def test_func_arch_belongs_to_consistency_func(tmp_path):
+    for script in ("asfm", "integration_flow", "scoreflow"):
+        with pytest.raises(common.UserError, match="--arch func: this script trains mlp, unet, ddpmpp, dit"):
+            MODULES[script].main(["--dataset", "digits", "--arch", "func", "--out-dir", str(tmp_path)])

@@ -52,21 +52,14 @@ WIDTH, DEPTH, BATCH, LR = 128, 3, 256, 2e-3
 #                         One training loop for every method                    #
 #################################################################################
 
-def fit(net, loss_fn, steps, lr=LR, ema_decay=0.995, extra_update=None):
-    """Adam with a short warmup, gradient clipping and EMA; loss_fn(net, step) -> scalar.
+def fit(net, step_fn, steps, lr=LR, ema_decay=0.995):
+    """Adam with a 100-step warm-up, gradient clipping at 1 (common.optimize) and EMA around
+    step_fn(net, step, update): the method's own training step, which calls update(loss) once.
     Returns the EMA network (used for all sampling)."""
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt, hp = torch.optim.Adam(net.parameters(), lr=lr), argparse.Namespace(lr=lr, warmup=100, grad_clip=1.0)
     ema = common.EMA(net, ema_decay)
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100)
-        loss = loss_fn(net, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        if extra_update is not None:
-            extra_update(step)
+        step_fn(net, step, lambda loss: common.optimize(opt, loss, net, hp, step))
         ema.update(net, step)
     return ema.model
 
@@ -93,10 +86,11 @@ def train_method(method, setup, steps, cache):
     """Train one method; returns sample(x0, nfe) -> (x1, path list or None) and, for flows,
     the velocity network v(x, t) (for straightness), else None."""
     flow_sample = lambda net: lambda x0, nfe: _flow(net, x0, nfe)  # noqa: E731
+    loss_step = lambda loss_fn: lambda net, s, update: update(loss_fn(net, s)[0])  # noqa: E731
     if method in ("rf", "reflow", "asfm"):
         if "rf" not in cache:  # 1-RF is shared by reflow and ASFM (they start from it)
             rf = asfm.RectifiedFlow()
-            cache["rf"] = fit(mlp(), lambda net, s: rf.loss(net, batch_of(setup.target), setup.x0(BATCH))[0], steps)
+            cache["rf"] = fit(mlp(), loss_step(lambda net, s: rf.loss(net, batch_of(setup.target), setup.x0(BATCH))), steps)
         teacher = cache["rf"]
         if method == "rf":
             return flow_sample(teacher), teacher
@@ -106,10 +100,10 @@ def train_method(method, setup, steps, cache):
 
         def loss(net, s):
             i = torch.randint(0, len(z), (BATCH,))
-            return rf.loss(net, x1[i], z[i])[0]
-        net = fit(copy.deepcopy(teacher).train().requires_grad_(True), loss, steps // 2)
+            return rf.loss(net, x1[i], z[i])
+        net = fit(copy.deepcopy(teacher).train().requires_grad_(True), loss_step(loss), steps // 2)
         return flow_sample(net), net
-    if method == "asfm":
+    if method == "asfm":  # asfm.ASFM.train_step, as in asfm.py's loop
         rf, net = asfm.RectifiedFlow(), copy.deepcopy(teacher).train().requires_grad_(True)
         method_ = asfm.ASFM(rf, lambda_fm=1.0, lambda_adv=0.1, r1=0.1)
         D = asfm.make_discriminator((2,))
@@ -118,28 +112,17 @@ def train_method(method, setup, steps, cache):
         generate = asfm.generator(net, (2,), 20, "cpu", common.nullcontext, source=setup.x0)
         for _ in range(20):
             memory.refresh(generate)
-        state = {}
 
-        def loss(net_, s):
-            D.requires_grad_(False)
-            loss_g, _, state["x_hat"] = method_.generator_loss(net_, D, *memory.sample(BATCH))
-            D.requires_grad_(True)
-            return loss_g
-
-        def update_d(s):
-            loss_d, _ = method_.discriminator_loss(D, batch_of(setup.target), state["x_hat"])
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            if (s + 1) % 5 == 0:
-                memory.refresh(generate)
-        net = fit(net, loss, steps // 2, extra_update=update_d)
+        def step(net_, s, update):  # memory refresh every 5 steps
+            method_.train_step(net_, D, opt_d, memory, lambda: batch_of(setup.target), update,
+                               generate if (s + 1) % 5 == 0 else None)
+        net = fit(net, step, steps // 2)
         return flow_sample(net), net
     if method == "scoreflow":
         sf = scoreflow.ScoreFlow(beta=1.0, pc_lambda="inv_t")
-        net = fit(mlp(), lambda net, s: sf.loss(net, batch_of(setup.target), setup.x0(BATCH))[0], steps)
+        net = fit(mlp(), loss_step(lambda net, s: sf.loss(net, batch_of(setup.target), setup.x0(BATCH))), steps)
         return flow_sample(net), net
-    if method == "if":
+    if method == "if":  # integration_flow.IntegrationFlow.loss reads and writes the anchor bank
         IF = integration_flow.IntegrationFlow(ode="rf", distance="l2")
         bank = integration_flow.AnchorBank(len(setup.target), (2,), seed=0)
         per_epoch = len(setup.target) // BATCH
@@ -148,16 +131,13 @@ def train_method(method, setup, steps, cache):
             if s % per_epoch == 0:
                 loss.perm = torch.randperm(len(setup.target))
             idx = loss.perm[(s % per_epoch) * BATCH:(s % per_epoch + 1) * BATCH]
-            w = 1.0 / (s // per_epoch + 1)  # w = 1 / (epoch + 1)
-            value, logs = IF.loss(net, setup.target[idx], bank.read(idx), w)
-            bank.write(idx, logs["out"])  # the model's own estimate becomes the anchor
-            return value
-        net = fit(mlp(extra_dim=2), loss, steps)
+            return IF.loss(net, setup.target[idx], idx, bank, 1.0 / (s // per_epoch + 1))  # w = 1/(epoch+1)
+        net = fit(mlp(extra_dim=2), loss_step(loss), steps)
         return (lambda x0, nfe: (IF.sample(net, x0, nfe)[0], None)), None
     if method == "ct":
         # sigma_data = the data's std for 2-D (consistency_func.py's 2-D default) [reconstructed]
         ct = consistency_func.ConsistencyTraining(total_steps=steps, sigma_data=setup.target.std().item())
-        net = fit(mlp(), lambda net, s: ct.loss(net, batch_of(setup.target), s)[0], steps, lr=1e-3)
+        net = fit(mlp(), loss_step(lambda net, s: ct.loss(net, batch_of(setup.target), s)), steps, lr=1e-3)
         return (lambda x0, nfe: (ct.sample(net, x0, nfe)[0], None)), None
     raise common.UserError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
 
