@@ -887,6 +887,22 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
         digits_fd.report(torch.zeros(4, 3, 16, 16))
 
 
+def test_digits_classifier_does_not_depend_on_the_thread_count():
+    """The classifier is the yardstick of every digits-FD: trained in float64, so a different
+    thread count (a different reduction order) gives the same weights, not a drifted net (in
+    float32 the floor moved from 19.8 to 20.6 between 2 threads and 1)."""
+    threads = torch.get_num_threads()
+    try:
+        nets = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            nets.append(common.train_digits_classifier(16, epochs=1)[0].state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for k, v in nets[0].items():
+        assert v.dtype == torch.float32 and torch.allclose(v, nets[1][k], rtol=0, atol=1e-6), k
+
+
 #################################################################################
 #                                    asfm.py                                    #
 #################################################################################
@@ -1549,6 +1565,16 @@ def test_resume_needs_matching_bank_mode(tmp_path):
     with pytest.raises(common.UserError, match="no anchor bank"):
         integration_flow.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "2",
                       "--resume"))
+
+
+def test_anchor_input_mismatch_names_the_flag(tmp_path):
+    out = tmp_path / "c"
+    integration_flow.main(["--dataset", "digits", "--anchor-input", "concat", "--steps", "1", "--batch-size", "8",
+                           "--width", "16", "--device", "cpu", "--n-conv", "2", "--conv-iters", "1",
+                           "--out-dir", str(out)])
+    with pytest.raises(common.UserError, match="written with .*--anchor-input concat: pass the same flags"):
+        integration_flow.main(["--mode", "sample", "--ckpt", str(out / "ckpt.pt"), "--anchor-input", "xattn",
+                               "--n", "2", "--device", "cpu"])
 
 
 #################################################################################
