@@ -246,20 +246,30 @@ def reflow_pairs(args, run, teacher, data):
     """Offline reflow: --reflow-pairs fixed pairs (z, x1') from the frozen teacher. Batch j (of
     --batch-size pairs, noise seeded by (seed, j)) is made by rank j mod world and kept on the
     CPU; rank 0 joins the ranks' shards into <out-dir>/reflow_pairs.pt, which every rank then
-    memory-maps (one copy in the machine's page cache, none on a GPU). 1 or 8 ranks: same pairs."""
+    memory-maps (one copy in the machine's page cache, none on a GPU). 1 or 8 ranks: same pairs.
+    Each rank saves its shard every 10% of its batches: a killed run makes only the rest."""
     path = os.path.join(args.out_dir, "reflow_pairs.pt")  # stored with what made it (stale pairs are refused)
     made_with = {"n": args.reflow_pairs, "nfe": args.reflow_nfe, "seed": args.seed, "init": str(args.init)}
     if not os.path.isfile(path):
-        n, B = args.reflow_pairs, args.batch_size
+        n, B, part = args.reflow_pairs, args.batch_size, f"{path}.rank{run.rank}"
         mine = list(range(run.rank, -(-n // B), run.world))
-        zs, xs = [], []
-        for j in mine:
-            g = torch.Generator(device=run.device).manual_seed(args.seed * 1_000_003 + j)
-            z = torch.randn(min(B, n - j * B), *data.shape, device=run.device, generator=g)
-            with run.sampling():  # fp32 by default, as RF's reference code
-                xs.append(RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float().cpu())
-            zs.append(z.cpu())
-        common.save_atomic({"batches": mine, "z": zs, "x1": xs}, f"{path}.rank{run.rank}")
+        done = {}  # batch j -> (z, x1); a killed run keeps the batches of its last progress save
+        if os.path.isfile(part) and (shard := torch.load(part, weights_only=True)).get("made_with") == made_with:
+            done = dict(zip(shard["batches"], zip(shard["z"], shard["x1"])))
+            run.print(f"reflow pairs: kept the {len(done)} batches of {part}")
+        fresh = False  # batches made since the last save
+        for i, j in enumerate(mine):
+            if j not in done:
+                g = torch.Generator(device=run.device).manual_seed(args.seed * 1_000_003 + j)
+                z = torch.randn(min(B, n - j * B), *data.shape, device=run.device, generator=g)
+                with run.sampling():  # fp32 by default, as RF's reference code
+                    done[j] = (z.cpu(), RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float().cpu())
+                fresh = True
+            if fresh and ((i + 1) % max(1, len(mine) // 10) == 0 or i + 1 == len(mine)):  # every 10%
+                fresh = False
+                common.save_atomic({"batches": list(done), "z": [v[0] for v in done.values()],
+                                    "x1": [v[1] for v in done.values()], "made_with": made_with}, part)
+                run.print(f"reflow pairs: {len(done)} of {len(mine)} batches made by this rank")
         if run.ddp:
             torch.distributed.barrier()
         if run.master:  # gather: shard r holds batches r, r + world, ...

@@ -466,6 +466,8 @@ def main(argv=None):
     data = common.load_data(args)
     net = common.build_net(args, data.shape, extra_ch=0 if xattn else data.shape[0],
                            context_ch=data.shape[0] if xattn else 0).to(run.device)
+    run.print(f"integration_flow: {args.ode}, anchor {anchor_input(args)}, {args.arch} with "
+              f"{common.count_params(net) / 1e6:.3f}M parameters")
     if args.mode == "train":
         train(args, run, data, net, method)
     elif args.mode == "bench":

@@ -1145,6 +1145,32 @@ def test_offline_reflow_pairs_split_over_two_ranks_match_one(tmp_path):
         asfm.main(argv[:7] + ["200"] + argv[8:] + ["--out-dir", str(tmp_path / "one"), "--overwrite"])
 
 
+def test_offline_reflow_pairs_killed_midway_resume_where_they_stopped(tmp_path, monkeypatch):
+    # 100 pairs in 10 batches; the shard is saved after every batch (10%), the run dies in batch 4
+    argv = ["--stage", "reflow", "--init", "none", "--steps", "1", "--reflow-pairs", "100",
+            "--reflow-nfe", "3", "--batch-size", "10", "--width", "16", "--device", "cpu"]
+    asfm.main(argv + ["--out-dir", str(tmp_path / "clean")])
+    calls, sample, resumed_run = [], asfm.RectifiedFlow.sample, []
+
+    def dies_in_batch_4(net, z, *a, **k):
+        calls.append(z.clone())
+        if len(calls) == 4 and not resumed_run:
+            raise KeyboardInterrupt
+        return sample(net, z, *a, **k)
+    monkeypatch.setattr(asfm.RectifiedFlow, "sample", staticmethod(dies_in_batch_4))
+    with pytest.raises(KeyboardInterrupt):
+        asfm.main(argv + ["--out-dir", str(tmp_path / "killed")])
+    assert not (tmp_path / "killed" / "reflow_pairs.pt").exists()
+    calls.clear()
+    resumed_run.append(True)
+    asfm.main(argv + ["--out-dir", str(tmp_path / "killed"), "--resume"])
+    clean, resumed = (torch.load(tmp_path / d / "reflow_pairs.pt", weights_only=True) for d in ("clean", "killed"))
+    made = [j for j in range(10) if any(torch.equal(z, clean["z"][10 * j: 10 * j + 10]) for z in calls)]
+    assert made == [3, 4, 5, 6, 7, 8, 9]  # batches 0-2 were kept from the killed run
+    assert torch.equal(clean["z"], resumed["z"]) and torch.equal(clean["x1"], resumed["x1"])
+    assert not (tmp_path / "killed" / "reflow_pairs.pt.rank0").exists()
+
+
 def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
     out = str(tmp_path / "t")
     asfm.main(["--stage", "rf", "--steps", "20", "--width", "32", "--device", "cpu", "--out-dir", out])
