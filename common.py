@@ -1518,13 +1518,12 @@ class DigitsFD:
     def __init__(self, size, cache_dir, device="cpu"):
         path = os.path.join(cache_dir, f"digits_classifier-{size}.pt")
         self.net = DigitsClassifier()
-        if os.path.isfile(path):
-            state = load_checkpoint(path)
+        if os.path.isfile(path) and (state := load_checkpoint(path)).get("trained_in") == "float64":
             load_state(self.net, state["net"], "digits classifier", path)
             self.accuracy = state["accuracy"]
-        else:
+        else:  # none yet, or one cached by an older version (float32-trained, machine-dependent)
             self.net, self.accuracy = train_digits_classifier(size)
-            save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy}, path)
+            save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy, "trained_in": "float64"}, path)
         self.net = self.net.to(device).eval()
         self.size, self.device, self.cache_dir = size, device, cache_dir
         self.ref = feature_stats(self.features(_digits(size, train=False)[0])[0])

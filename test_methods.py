@@ -887,6 +887,18 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
         digits_fd.report(torch.zeros(4, 3, 16, 16))
 
 
+def test_digits_classifier_cached_by_an_older_version_is_retrained(tmp_path, monkeypatch):
+    """A cache written before the float64 classifier (no 'trained_in') would silently score
+    with an old, machine-dependent yardstick: it is retrained and overwritten instead."""
+    old = {"net": common.DigitsClassifier().state_dict(), "accuracy": 0.5}
+    common.save_atomic(old, str(tmp_path / "digits_classifier-16.pt"))
+    trained = []
+    monkeypatch.setattr(common, "train_digits_classifier",
+                        lambda size: trained.append(size) or (common.DigitsClassifier(), 0.97))
+    assert common.DigitsFD(16, str(tmp_path)).accuracy == 0.97 and trained == [16]
+    assert common.DigitsFD(16, str(tmp_path)).accuracy == 0.97 and trained == [16]  # now cached
+
+
 def test_digits_classifier_does_not_depend_on_the_thread_count():
     """The classifier is the yardstick of every digits-FD: trained in float64, so a different
     thread count (a different reduction order) gives the same weights, not a drifted net (in
