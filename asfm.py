@@ -254,7 +254,8 @@ def reflow_pairs(args, run, teacher, data):
         n, B, part = args.reflow_pairs, args.batch_size, f"{path}.rank{run.rank}"
         mine = list(range(run.rank, -(-n // B), run.world))
         done = {}  # batch j -> (z, x1); a killed run keeps the batches of its last progress save
-        if os.path.isfile(part) and (shard := torch.load(part, weights_only=True)).get("made_with") == made_with:
+        shard = torch.load(part, weights_only=True) if os.path.isfile(part) else {}
+        if shard.get("made_with") == made_with:
             done = dict(zip(shard["batches"], zip(shard["z"], shard["x1"])))
             run.print(f"reflow pairs: kept the {len(done)} batches of {part}")
         fresh = False  # batches made since the last save
@@ -263,7 +264,8 @@ def reflow_pairs(args, run, teacher, data):
                 g = torch.Generator(device=run.device).manual_seed(args.seed * 1_000_003 + j)
                 z = torch.randn(min(B, n - j * B), *data.shape, device=run.device, generator=g)
                 with run.sampling():  # fp32 by default, as RF's reference code
-                    done[j] = (z.cpu(), RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float().cpu())
+                    x1 = RectifiedFlow.sample(teacher, z, args.reflow_nfe)[0].float().cpu()
+                done[j] = (z.cpu(), x1)
                 fresh = True
             if fresh and ((i + 1) % max(1, len(mine) // 10) == 0 or i + 1 == len(mine)):  # every 10%
                 fresh = False

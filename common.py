@@ -199,7 +199,8 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
         raise UserError(f"--arch {args.arch}: this script trains {', '.join(archs)} (func, the INR "
                         "image-function generator, is consistency_func.py's)")
     if args.is_image and args.arch == "mlp":
-        raise UserError("--arch mlp is for 2-D data; use unet, ddpmpp or dit for images (or func in consistency_func.py)")
+        raise UserError("--arch mlp is for 2-D data; use unet, ddpmpp or dit for images "
+                        "(or func in consistency_func.py)")
     if not args.is_image and args.arch != "mlp":
         raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
     if not args.is_image:
@@ -1518,12 +1519,14 @@ class DigitsFD:
     def __init__(self, size, cache_dir, device="cpu"):
         path = os.path.join(cache_dir, f"digits_classifier-{size}.pt")
         self.net = DigitsClassifier()
-        if os.path.isfile(path) and (state := load_checkpoint(path)).get("trained_in") == "float64":
+        state = load_checkpoint(path) if os.path.isfile(path) else {}
+        if state.get("trained_in") == "float64":
             load_state(self.net, state["net"], "digits classifier", path)
             self.accuracy = state["accuracy"]
         else:  # none yet, or one cached by an older version (float32-trained, machine-dependent)
             self.net, self.accuracy = train_digits_classifier(size)
-            save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy, "trained_in": "float64"}, path)
+            save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy,
+                         "trained_in": "float64"}, path)
         self.net = self.net.to(device).eval()
         self.size, self.device, self.cache_dir = size, device, cache_dir
         self.ref = feature_stats(self.features(_digits(size, train=False)[0])[0])
@@ -1634,7 +1637,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 # config keys that decide a network's shape, named when a checkpoint does not fit
-ARCH_KEYS = ("arch", "preset", "width", "depth", "image_size", "dataset", "anchor_input", "inr_width", "inr_depth")
+ARCH_KEYS = ("arch", "preset", "width", "depth", "image_size", "dataset", "anchor_input", "inr_width",
+             "inr_depth")
 
 
 def load_state(obj, state, name, path, config=None):
