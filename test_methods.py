@@ -1779,6 +1779,34 @@ def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
             assert err <= 1.1 * ref, (nfe, s, err, ref)
 
 
+class _FixedOutput(nn.Module):
+    """F(x, t) = a fixed image, whatever the input (or 0)."""
+
+    def __init__(self, image):
+        super().__init__()
+        self.image = image
+
+    def forward(self, x, t, y=None):
+        return self.image.expand_as(x)
+
+
+def test_noise_correlation_hand_checked():
+    """F = 0 leaves f = c_skip(80) 80 z: correlation exactly 1. F = a fixed image: the sample
+    is c_skip(80) 80 z + c_out(80) image: the correlation by hand (centred cosine per sample,
+    averaged) is chance level, |corr| < 0.05 with 256 pixels and 40 samples."""
+    m, shape = consistency_func.ConsistencyTraining(1), (1, 16, 16)
+    assert consistency_func.noise_correlation(_FixedOutput(torch.zeros(shape)), m, shape, n=6, batch=4) \
+        == pytest.approx(1.0, abs=1e-5)
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    corr = consistency_func.noise_correlation(_FixedOutput(image), m, shape, n=40, batch=16)
+    z = torch.randn(40, *shape, generator=torch.Generator().manual_seed(0)).flatten(1)
+    c_skip, c_out, _ = m.scalings(torch.tensor([80.0]))
+    x = c_skip * 80 * z + c_out * image.flatten()
+    a, b = x - x.mean(1, keepdim=True), z - z.mean(1, keepdim=True)
+    by_hand = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean().item()
+    assert corr == pytest.approx(by_hand, abs=1e-5) and abs(corr) < 0.05
+
+
 def test_sampling_sigmas_two_step_is_icts():
     m = consistency_func.ConsistencyTraining(100)
     assert m.sampling_sigmas(1) == [80.0] and m.sampling_sigmas(2) == [80.0, 0.821]  # iCT
@@ -2205,6 +2233,21 @@ def test_every_script_trains_on_digits_and_samples_from_the_checkpoint_alone(scr
     samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
     assert samples.shape == (4, 16, 16, 1) and samples.dtype == np.uint8
     assert os.path.isfile(os.path.join(out, "samples", "nfe1.png"))
+
+
+def test_cm_eval_prints_noise_correlation(tmp_path, digits_fd, capsys):
+    """consistency_func --mode eval prints the one-step samples' correlation with their noise
+    (the README's CM-Func/CM-DiT/CM-UNet numbers come from this line)."""
+    os.makedirs(tmp_path / "fid_stats")  # the scripts' cache: <run>/../fid_stats
+    shutil.copy(os.path.join(digits_fd.cache_dir, "digits_classifier-16.pt"), tmp_path / "fid_stats")
+    out = str(tmp_path / "cm")
+    consistency_func.main(["--dataset", "digits", "--arch", "dit", "--steps", "2", "--batch-size", "8",
+                           "--width", "16", "--device", "cpu", "--out-dir", out])
+    capsys.readouterr()
+    consistency_func.main(["--mode", "eval", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1",
+                           "--fid-n", "20"])
+    line = [s for s in capsys.readouterr().out.splitlines() if "own noise" in s]
+    assert len(line) == 1 and -1 <= float(line[0].split()[-1]) <= 1, line
 
 
 def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
