@@ -230,7 +230,7 @@ def denoise_mse(net, x, method, sigma=0.5):
 @torch.no_grad()
 def noise_correlation(net, method, shape, n=500, batch=250, device="cpu"):
     """Mean Pearson correlation between each one-step sample f(smax z, smax) and its own noise
-    z (seeded, own RNG): near 0 for a model that turns noise into digits globally, near 1 for
+    z (seeded, own RNG): near 0 for a model that turns noise into images globally, near 1 for
     one that passes the noise through pixel by pixel (how CM-Func fails at small budgets)."""
     g, corr = torch.Generator(device).manual_seed(0), []
     for i in range(0, n, batch):
