@@ -172,11 +172,13 @@ def parse_args(parser, argv=None):
     return args
 
 
-def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1]):
+def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1],
+                no_rk45=None):
     """Fill unset flags from the preset, check them, and return args (one-line errors). `method`
     is stored in checkpoints (resume and sample check it); the default run folder is
     runs/<name>-<dataset>-<preset>, name = the script's (default: method). `archs`: the --arch
-    values the script trains (all but func, consistency_func.py's INR generator, by default)."""
+    values the script trains (all but func, consistency_func.py's INR generator, by default).
+    no_rk45: for methods without an ODE, why --nfe rk45 is refused and what --nfe counts."""
     if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}': choose one of "
                         f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
@@ -211,6 +213,8 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
     if args.steps < 0 or args.batch_size <= 0 or args.lr <= 0:
         raise UserError("--steps must be >= 0, --batch-size and --lr > 0")
     args.nfe_list = parse_nfe(args.nfe or default_nfe)
+    if no_rk45 and "rk45" in args.nfe_list:
+        raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
     check_numbers(args)
     args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
     args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")

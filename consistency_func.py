@@ -374,7 +374,8 @@ def main(argv=None):
     presets = {k: dict(v, arch="func", **FUNC_SIZE[k]) if func and k in FUNC_SIZE else v
                for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
-                              archs=common.ARCHS)
+                              archs=common.ARCHS, no_rk45="a consistency model has no ODE to solve; "
+                              "--nfe is the number of model steps (1 or more)")
     R = args.image_size
     try:
         args.sample_res = [int(s) for s in (args.sample_res or str(R)).split(",")] if R else []

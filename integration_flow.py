@@ -455,11 +455,9 @@ def main(argv=None):
     a("--n-conv", type=int, default=2000, help="samples for the convergence plot")
     common.add_common_args(parser)
     args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",
-                              default_nfe="1,2,4")
+                              default_nfe="1,2,4", no_rk45="Integration Flow has no ODE to solve; "
+                              "--nfe is the number of anchor iterations")
     common.check_steps(args)
-    if "rk45" in args.nfe_list:
-        raise common.UserError("--nfe rk45 does not apply: Integration Flow has no ODE to solve, "
-                               "--nfe is the number of anchor iterations")
     xattn = anchor_input(args) == "xattn"
     method = build_method(args)
     run = common.Run(args)

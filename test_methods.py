@@ -534,6 +534,8 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
                 ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode",
                                       "sample", "--sample-res", "0"], "--sample-res \\[0\\]: sizes must be positive"),
                 ("toy2d", ["--data", "{tmp}/words.npy"], "holds <U.* not numbers"),
+                ("consistency_func", ["--nfe", "1,rk45"], "--nfe rk45 does not apply: .*model steps"),
+                ("integration_flow", ["--nfe", "rk45"], "--nfe rk45 does not apply: .*anchor iterations"),
                 ("asfm", ["--steps", "0"], "--steps 0 trains nothing"),
                 ("integration_flow", ["--steps", "0"], "--steps 0 trains nothing"),
                 ("scoreflow", ["--steps", "0"], "--steps 0 trains nothing"),
@@ -1011,9 +1013,16 @@ def one_step_distance(out_dir, stage):
     return common.toy_metrics(x, ref)["sw2"]
 
 
-def test_reflow_and_asfm_one_step_beat_1rf_on_toy(tmp_path):
-    rf_dir = tmp_path / "asfm-rf-8gaussians-toy"
+@pytest.fixture(scope="module")
+def toy_rf(tmp_path_factory):
+    """An 800-step 1-RF on 8gaussians, shared by the toy reflow/ASFM tests."""
+    rf_dir = tmp_path_factory.mktemp("toy-rf")
     asfm.main(TOY + ["--stage", "rf", "--steps", "800", "--lr", "2e-3", "--out-dir", str(rf_dir)])
+    return rf_dir
+
+
+def test_reflow_and_asfm_one_step_beat_1rf_on_toy(tmp_path, toy_rf):
+    rf_dir = toy_rf
     asfm.main(TOY + ["--stage", "reflow", "--steps", "300", "--reflow-pairs", "4000",
                      "--init", str(rf_dir / "ckpt.pt"), "--out-dir", str(tmp_path / "reflow")])
     asfm.main(TOY + ["--stage", "asfm", "--steps", "300", "--mem-size", "10", "--freq", "2",
@@ -1023,6 +1032,50 @@ def test_reflow_and_asfm_one_step_beat_1rf_on_toy(tmp_path):
     d_asfm = one_step_distance(tmp_path / "asfm", "asfm")
     print(f"one-step sliced W2: 1-RF {d_rf:.3f}, 2-RF {d_reflow:.3f}, ASFM {d_asfm:.3f}")
     assert d_reflow < 0.7 * d_rf and d_asfm < 0.7 * d_rf
+
+
+def test_memory_quality_reads_the_newest_pairs_and_scores_digits(digits_fd):
+    mem = asfm.TrainingMemory(size=4, batch=3, shape=(1, 16, 16), device="cpu")
+    digits = common._digits(16, True)[0]
+    batches = iter([digits[:3], digits[3:6], digits[6:9], 0.2 * digits[9:12] - 0.8, 0.2 * digits[12:15] - 0.8])
+    for _ in range(5):  # the fifth batch overwrites the first: slots hold batches 5, 2, 3, 4
+        mem.refresh(lambda n: (torch.zeros(n, 1, 16, 16), next(batches)))
+    newest = torch.cat([0.2 * digits[12:15] - 0.8, 0.2 * digits[9:12] - 0.8])  # batches 5 and 4
+    q = asfm.memory_quality(mem, n=6)
+    assert q["mem_mean"].item() == pytest.approx(newest.mean().item(), abs=1e-6)
+    assert q["mem_std"].item() == pytest.approx(newest.std().item(), abs=1e-6)
+    assert "mem_fd" not in q
+    # on digits: a memory of real digits scores near the real-digit value, a faded one far above it
+    mem = asfm.TrainingMemory(size=8, batch=64, shape=(1, 16, 16), device="cpu")
+    real = iter(digits[:512].split(64))
+    for _ in range(8):
+        mem.refresh(lambda n: (torch.zeros(n, 1, 16, 16), next(real)))
+    good = asfm.memory_quality(mem, digits_fd)
+    assert good["mem_fd"] == pytest.approx(digits_fd.report(digits[:512])["digits_fd"])
+    faded = iter((0.3 * digits[512:1024] - 0.7).split(64))  # contrast lost, as in a drifting memory
+    for _ in range(8):
+        mem.refresh(lambda n: (torch.zeros(n, 1, 16, 16), next(faded)))
+    drifted = asfm.memory_quality(mem, digits_fd)
+    assert drifted["mem_fd"] > 5 * good["mem_fd"] and drifted["mem_std"] < 0.5 * good["mem_std"]
+
+
+def test_memory_monitor_shows_drift_without_the_adversarial_term(tmp_path, toy_rf):
+    """A one-pair-batch memory refreshed every step (the paper's failing 'Model A' regime): with
+    lambda_adv = 0 the model trains on its own samples alone and the memory collapses to about
+    half the data's spread; lambda_adv = 1 holds it to the data. The monitor's log shows both."""
+    def mem_std(adv):
+        out = tmp_path / f"adv{adv}"
+        asfm.main(TOY + ["--stage", "asfm", "--steps", "150", "--mem-size", "2", "--freq", "1",
+                         "--lambda-adv", adv, "--log-every", "10", "--init", str(toy_rf / "ckpt.pt"),
+                         "--out-dir", str(out)])
+        log = (out / "log.txt").read_text()
+        data_std = float(re.search(r"memory monitor .*data mean \S+ std ([0-9.]+)", log).group(1))
+        logged = [float(v) for v in re.findall(r"mem_std ([0-9.]+)", log)]
+        assert len(logged) == 15 and data_std == pytest.approx(2.1, abs=0.2)
+        return sum(logged[-3:]) / 3 / data_std
+    drifted, held = mem_std("0"), mem_std("1")
+    print(f"memory std / data std after 150 steps: lambda_adv 0 {drifted:.2f}, 1 {held:.2f}")
+    assert drifted < 0.7 and held > 0.85
 
 
 def test_asfm_resume_continues_exactly(tmp_path):
@@ -1075,7 +1128,7 @@ def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     asfm.main(img + ["--stage", "asfm", "--mode", "eval", "--nfe", "1", "--fid-n", "8",
                      "--inception-weights", "random"])
     out = capsys.readouterr().out
-    assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" in out
+    assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" not in out  # not named
     assert "precision=fp32" in out and "straightness S" in out
     assert os.path.isfile(tmp_path / "r" / "same_noise_by_nfe.png")
 
@@ -1187,9 +1240,9 @@ def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
     out = str(tmp_path / "t")
     asfm.main(["--stage", "rf", "--steps", "20", "--width", "32", "--device", "cpu", "--out-dir", out])
     asfm.main(["--stage", "rf", "--mode", "eval", "--fid-n", "300", "--width", "32", "--device", "cpu",
-               "--out-dir", out])
+               "--out-dir", out, "--nfe", "1,rk45"])
     text = capsys.readouterr().out
-    assert "eval nfe=rk45" in text and "straightness S" in text
+    assert "eval nfe=1:" in text and "eval nfe=rk45" in text and "straightness S" in text
     assert os.path.isfile(os.path.join(out, "same_noise_by_nfe.png"))
     with pytest.raises(common.UserError, match="--mode edit needs an image"):
         asfm.main(["--stage", "rf", "--mode", "edit", "--width", "32", "--device", "cpu", "--out-dir", out])
