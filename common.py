@@ -32,7 +32,9 @@ import copy
 import datetime
 import math
 import os
+import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -91,12 +93,16 @@ DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12
 DDPMPP_SIZE = {"cifar10": dict(depth=4, dropout=0.15)}
 
 
+def one_line_errors(parser):
+    """argparse prints its usage block before an error; ours print one line (exit code 2)."""
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
+    return parser
+
+
 def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     """The flags all four method scripts share, in their own --help group (a script adds its
     method's group first, so --help lists those first). None defaults are filled by the preset."""
-    def one_line_error(message):  # argparse would print the usage block too
-        parser.exit(2, f"error: {message} (see --help)\n")
-    parser.error = one_line_error
+    one_line_errors(parser)
     a = parser.add_argument_group("flags shared by the four scripts").add_argument
     a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
     a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
@@ -126,6 +132,9 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
     a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<preset>)")
     a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt if it exists")
     a("--overwrite", action="store_true", help="train from scratch over an existing <out-dir>/ckpt.pt")
+    a("--allow-changed", default="", help="with --resume: comma list of flags changed on purpose, "
+      "e.g. lr,batch-size (--resume refuses other changes of data, network, method, batch, lr or "
+      "schedule; --steps may always grow)")
     a("--log-every", type=int, default=None)
     a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
     a("--ckpt-every", type=int, default=None)
@@ -145,40 +154,116 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
 # Flags that say how to run now; everything else can come from a checkpoint's saved config.
 RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
              "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir",
-             "weights", "seed",
+             "weights", "seed", "allow_changed",
              "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
              "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
              "sampler"}
+# Saved flags that decide what a checkpoint's samples are: sampling it with another value of
+# one of them is refused (training-only flags such as --lr or --steps do nothing there).
+SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
+                 "inr_width", "inr_depth", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
+                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source",
+                 "source_dir", "stage"}
+# Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
+# and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
+RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",
+                                        "rf_steps", "two_step_sigma", "method", "nfe_list", "is_image",
+                                        "cond_classes"}  # the last four follow from other flags
 
 
-def parse_args(parser, argv=None):
-    """parser.parse_args(argv), then, when a mode other than train/bench is given --ckpt: every
+def parse_args(parser, argv=None, may_differ=None):
+    """parser.parse_args(argv), with args.given = the flags set on the command line. Then, when
+    a mode other than train/bench reads a checkpoint (--ckpt, or <--out-dir>/ckpt.pt): every
     flag not set on the command line (dataset, network, method flags) is taken from the
     checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
-    `--mode sample --ckpt runs/x/ckpt.pt` is enough; flags you do set still win."""
+    `--mode sample --ckpt runs/x/ckpt.pt` is enough. A SAMPLING_KEYS flag set to another value
+    than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
+    choice), except those in may_differ[mode]."""
+    argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    if args.mode in ("train", "bench") or args.ckpt is None:
-        return args
     unset = object()  # parse again into a namespace that already has every dest: argparse then
     given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    explicit = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
-    ckpt = load_checkpoint(args.ckpt)
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    for key, value in (config if isinstance(config, dict) else {}).items():
-        if key in vars(args) and key not in explicit and key not in RUN_FLAGS:
+    args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
+    ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
+    if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
+        return args
+    ckpt = load_checkpoint(ckpt_path)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
+    differ = [k for k in sorted(args.given) if k in config and k in checked
+              and not _same(k, getattr(args, k), config[k])]
+    if differ:
+        raise UserError(f"{flag_text(vars(args), differ)}: {ckpt_path} was written with "
+                        f"{flag_text(config, differ)}: pass the same flags, or leave them out "
+                        "(they are read from the checkpoint)")
+    for key, value in config.items():
+        if key in vars(args) and key not in args.given and key not in RUN_FLAGS:
             setattr(args, key, value)
-    if "out_dir" not in explicit:
-        args.out_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    if "out_dir" not in args.given:
+        args.out_dir = os.path.dirname(os.path.abspath(ckpt_path))
     return args
 
 
+def attach_negative_values(argv):
+    """'--lr -1e-3' -> '--lr=-1e-3': argparse reads a '-' word that is not a plain decimal
+    (-1e-3, -inf) as a flag, and would say '--lr: expected one argument'."""
+    out = []
+    for word in argv:
+        try:
+            number = word.startswith("-") and not word.startswith("--") and float(word) is not None
+        except ValueError:
+            number = False
+        if number and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] += "=" + word
+        else:
+            out.append(word)
+    return out
+
+
+def drop_flags(argv, dests):
+    """argv without the flags named by their dests (and the value after each that takes one)."""
+    argv, out, skip = attach_negative_values(argv), [], False
+    for word in argv:
+        name = word[2:].split("=")[0].replace("-", "_") if word.startswith("--") else None
+        if skip and name is None:  # the dropped flag's value
+            skip = False
+            continue
+        skip = name in dests and "=" not in word
+        if name not in dests:
+            out.append(word)
+    return out
+
+
+def flag_names(text):
+    """'lr, --batch-size' -> ['lr', 'batch_size'] (argparse dests)."""
+    return [w.strip().lstrip("-").replace("-", "_") for w in str(text).split(",") if w.strip()]
+
+
+def flag_text(values, keys):
+    """['lr', 'same_t'] of {'lr': 0.5, 'same_t': True} -> '--lr 0.5 --same-t'."""
+    words = []
+    for k in keys:
+        v, name = values.get(k), "--" + k.replace("_", "-")
+        words.append(name if v is True else f"no {name}" if v is False else f"{name} {v}")
+    return " ".join(words)
+
+
+def _same(key, a, b):
+    if key in ("data_dir", "source_dir") and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)  # the same folder, however it is written
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
 def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1],
-                no_rk45=None):
+                no_rk45=None, ranges=None, applies=None):
     """Fill unset flags from the preset, check them, and return args (one-line errors). `method`
     is stored in checkpoints (resume and sample check it); the default run folder is
     runs/<name>-<dataset>-<preset>, name = the script's (default: method). `archs`: the --arch
     values the script trains (all but func, consistency_func.py's INR generator, by default).
-    no_rk45: for methods without an ODE, why --nfe rk45 is refused and what --nfe counts."""
+    no_rk45: for methods without an ODE, why --nfe rk45 is refused and what --nfe counts.
+    ranges / applies: the script's own flags' FLAG_RANGES and APPLIES entries."""
     if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
         raise UserError(f"unknown dataset '{args.dataset}': choose one of "
                         f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
@@ -205,17 +290,21 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
                         "(or func in consistency_func.py)")
     if not args.is_image and args.arch != "mlp":
         raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
+    check_applies(args, {**APPLIES, **(applies or {})})
     if not args.is_image:
         args.image_size = None
     if args.arch == "dit" and args.image_size % args.patch:
         raise UserError(f"--image-size {args.image_size} is not divisible by the DiT patch "
                         f"size {args.patch}: pick an image size that is a multiple of it")
-    if args.steps < 0 or args.batch_size <= 0 or args.lr <= 0:
-        raise UserError("--steps must be >= 0, --batch-size and --lr > 0")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume continues <out-dir>/ckpt.pt and --overwrite starts over: pass one")
+    unknown = [k for k in flag_names(getattr(args, "allow_changed", "")) if k not in vars(args)]
+    if unknown:
+        raise UserError(f"--allow-changed: {', '.join(unknown)} is not a flag of this script")
     args.nfe_list = parse_nfe(args.nfe or default_nfe)
     if no_rk45 and "rk45" in args.nfe_list:
         raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
-    check_numbers(args)
+    check_numbers(args, {**FLAG_RANGES, **(ranges or {})})
     args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
     args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
@@ -223,38 +312,73 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
     return args
 
 
-# flag: (lowest allowed, highest allowed or None, is the highest excluded); NaN always fails
-FLAG_RANGES = {"lr": (0, None), "ema_decay": (0, 1, True), "dropout": (0, 1, True),
-               "grad_clip": (0, None), "warmup": (0, None), "n": (1, None), "fid_n": (1, None),
-               "width": (1, None), "depth": (1, None), "image_size": (1, None),
-               "log_every": (1, None), "ckpt_every": (0, None), "sample_every": (0, None),
-               "eval_every": (0, None), "workers": (0, None)}
+# flag: the interval its value must lie in, "[" "]" including the bound and "(" ")" excluding
+# it; NaN always fails. Scripts add their method's flags (finish_args(ranges=...)).
+FLAG_RANGES = {"lr": "(0, inf)", "ema_decay": "[0, 1)", "dropout": "[0, 1)", "grad_clip": "[0, inf)",
+               "warmup": "[0, inf)", "steps": "[0, 1e12]", "batch_size": "[1, inf)", "n": "[1, inf)",
+               "fid_n": "[4, inf)", "width": "[1, inf)", "depth": "[1, inf)", "image_size": "[1, inf)",
+               "log_every": "[1, inf)", "ckpt_every": "[0, inf)", "sample_every": "[0, inf)",
+               "eval_every": "[0, inf)", "workers": "[0, 256]", "seed": "[0, 4294967295]"}
 
 
-def check_numbers(args):
-    """One-line errors for numeric flags outside their range (NaN and inf included), and for a
-    --device torch cannot compute on."""
-    for key, (low, high, *open_top) in FLAG_RANGES.items():
+def check_numbers(args, ranges=FLAG_RANGES):
+    """One-line errors for numeric flags outside their range (NaN and inf included), for a
+    width that a DiT cannot split, and for a --device torch cannot compute on."""
+    for key, interval in ranges.items():
         value = getattr(args, key, None)
-        if value is None or isinstance(value, (list, tuple)):
+        if value is None or isinstance(value, (bool, str, list, tuple)):
             continue
-        span = f">= {low}" if high is None else f"in [{low}, {high}{')' if open_top else ']'}"
-        if not (math.isfinite(value) and value >= low and (high is None or value < high
-                                                           or (value == high and not open_top))):
-            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use a number {span}")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr} is out of range: use a number > 0")
+        low, high = (b.strip() for b in interval[1:-1].split(","))
+        above = value >= float(low) if interval[0] == "[" else value > float(low)
+        below = value <= float(high) if interval[-1] == "]" else value < float(high)
+        if not (above and below):  # NaN compares False
+            if high != "inf":
+                span = f"a number in {interval}"
+            else:
+                sign = ">=" if interval[0] == "[" else ">"
+                span = "a finite number" if low == "-inf" else f"a number {sign} {low}"
+            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use {span}")
     if getattr(args, "arch", None) in ("unet", "ddpmpp") and args.image_size:
         levels = 2 ** (len(args.ch_mult) - 1)
         if args.image_size % levels:
             raise UserError(f"--image-size {args.image_size}: the U-Net halves it "
                             f"{len(args.ch_mult) - 1} times, so use a multiple of {levels}")
+    if getattr(args, "arch", None) in ("dit", "func") and args.width % math.lcm(4, args.heads):
+        raise UserError(f"--width {args.width}: --arch {args.arch} needs a multiple of "
+                        f"{math.lcm(4, args.heads)} (its {args.heads} attention heads, and 4 for "
+                        "its 2-D sin-cos positions)")
     try:
-        device = torch.device(args.device) if args.device else None
+        device = torch.device(args.device) if getattr(args, "device", None) else None
     except (RuntimeError, ValueError):
         raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
     if device is not None and device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: only cpu and cuda are supported")
+
+
+# flag: (does it apply to these args?, what it is for). A flag set on the command line where it
+# does nothing is an error, not silently ignored. Scripts add their method's flags.
+APPLIES = {
+    "hflip": (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)"),
+    "image_size": (lambda a: a.is_image, "image data"),
+    "channels_last": (lambda a: a.is_image, "image data"),
+    "workers": (lambda a: a.is_image and a.dataset != "digits",
+                "image files (2-D data and digits are indexed in memory)"),
+    "inception_weights": (lambda a: a.is_image and a.dataset != "digits",
+                          "FID on image data (digits are scored by their own classifier)"),
+    "resume": (lambda a: a.mode == "train", "--mode train"),
+    "overwrite": (lambda a: a.mode == "train", "--mode train"),
+    "allow_changed": (lambda a: a.resume, "--resume"),
+    "weights": (lambda a: a.mode not in ("train", "bench"), "sampling and evaluation"),
+    "ckpt": (lambda a: a.mode not in ("train", "bench"),
+             "sampling and evaluation (training writes <out-dir>/ckpt.pt)"),
+}
+
+
+def check_applies(args, rules):
+    for key in sorted(getattr(args, "given", ())):
+        if key in rules and not rules[key][0](args):
+            raise UserError(f"--{key.replace('_', '-')} does not apply to this run: it is for "
+                            f"{rules[key][1]}; leave it out")
 
 
 def check_steps(args):
@@ -263,8 +387,11 @@ def check_steps(args):
         raise UserError("--steps 0 trains nothing and writes no checkpoint: use --steps N >= 1")
 
 
+MAX_NFE = 10_000  # sampling steps, anchor iterations, RK45 evaluations
+
+
 def parse_nfe(text):
-    """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be a positive integer."""
+    """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be an integer in 1..MAX_NFE."""
     out = []
     for item in str(text).split(","):
         item = item.strip().lower()
@@ -279,18 +406,27 @@ def parse_nfe(text):
         if k <= 0:
             raise UserError(f"--nfe must be positive (got {k}): the number of network "
                             "evaluations is at least 1")
+        if k > MAX_NFE:
+            raise UserError(f"--nfe {k} is out of range: use at most {MAX_NFE} network "
+                            "evaluations (RK45's limit too)")
         out.append(k)
     return out
 
 
 def run_cli(main, argv=None):
-    """Call main(argv); a UserError becomes one line on stderr and exit code 2."""
+    """Call main(argv); a UserError becomes one line on stderr and exit code 2. So does running
+    out of memory where no estimate (Run.check_sizes) saw it coming."""
     try:
         return main(argv)
     except UserError as e:  # raised in a DataLoader worker, it carries the worker's traceback
         text = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {text}", file=sys.stderr)
-        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate" in str(e)):
+            raise
+        text = (f"out of memory ({type(e).__name__}): lower --batch-size, --n or --fid-n, or the "
+                "network's size (--width, --depth, --image-size)")
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
 
 
 #################################################################################
@@ -798,7 +934,7 @@ class FuncGenerator(nn.Module):
 
 @torch.no_grad()
 def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5,
-              return_traj=False, max_nfe=10_000):
+              return_traj=False, max_nfe=MAX_NFE):
     """Solve dx/dt = v(x, t) from t0 to t1 (t1 < t0 integrates backwards, e.g. for inversion).
 
     v(x, t) receives t as a float tensor [B]. method: 'euler' (nfe steps, NFE = nfe) or 'rk45'
@@ -1022,7 +1158,14 @@ def _rgb(path):
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it at 255 (white)
+                grey = (np.asarray(im, np.float64) / 257).round().clip(0, 255)
+                im = Image.fromarray(grey.astype(np.uint8))
+            elif im.mode == "F":
+                raise UserError(f"'{path}' holds floating-point pixels: save it as an 8- or 16-bit image")
             return im.convert("RGB")
+    except UserError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # corrupt, truncated, not an image
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:80]}): remove or replace the file") from None
@@ -1626,11 +1769,13 @@ def save_atomic(obj, path):
         raise
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", mmap=False):
+    """torch.load(weights_only=True) with one-line errors; mmap=True maps the tensors from the
+    file instead of reading them (cheap to look at, e.g. a big checkpoint's config and step)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at '{path}': train first or pass --ckpt PATH")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 (truncated zip, bad pickle, ...)
         raise UserError(f"cannot read checkpoint '{path}' ({type(e).__name__}): it is corrupt "
                         "or not one of ours; use an earlier checkpoint or retrain") from None
@@ -1666,6 +1811,141 @@ def load_weights(net, path, key="ema", device="cpu"):
         raise UserError(f"checkpoint '{path}' has no '{key}' weights")
     load_state(net, ckpt["state"][key], "network", path, ckpt.get("config"))
     return ckpt
+
+
+def check_unchanged(args, config, path):
+    """--resume continues the run a checkpoint holds: a flag saved in its config that now has
+    another value (data, network, method, batch, lr, schedule: all but RESUME_FREE) is refused
+    unless --allow-changed names it. Returns the allowed changes as text ('' if none)."""
+    now, allowed = config_dict(args), set(flag_names(getattr(args, "allow_changed", "")))
+    changed = [k for k in config if k in now and k not in RESUME_FREE and not _same(k, config[k], now[k])]
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        names = ",".join(k.replace("_", "-") for k in refused)
+        raise UserError(f"--resume: {path} was trained with {flag_text(config, refused)}, this run "
+                        f"has {flag_text(now, refused)}: pass the same flags, or --allow-changed "
+                        f"{names} to change them on purpose")
+    return flag_text(now, changed)
+
+
+def writable_folder(path, flag):
+    """Create the folder if needed and check that files can be written there (one-line error)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror}); pass a folder you can "
+                        "write to") from None
+
+
+_LOCKS = {}  # run folder -> this process's open lock file
+
+
+def lock_folder(folder):
+    """Refuse a run folder that another live process trains in: an exclusive flock on
+    <folder>/run.lock, which the OS drops when the holder exits, however it exits (a killed run
+    leaves no stale lock). The file names the holder. A second Run of this process reuses the
+    lock. Without fcntl (Windows) folders are not locked."""
+    key = os.path.realpath(folder)
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if key in _LOCKS:
+        return
+    f = open(os.path.join(folder, "run.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"--out-dir {folder} is in use by a live run ({holder}): wait for it to "
+                        "finish, stop it, or pass another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def unlock_folder(folder):
+    f = _LOCKS.pop(os.path.realpath(folder), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
+def free_memory(device):
+    """Bytes that can still be allocated on `device`: CUDA's free memory; on the CPU the kernel's
+    MemAvailable, capped by a container's (cgroup v2 or v1) limit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"/sys/fs/cgroup/{limit}") as a, open(f"/sys/fs/cgroup/{usage}") as b:
+                free = min(free, int(a.read()) - int(b.read()))
+        except (OSError, ValueError):  # no such cgroup file, or "max" (no limit)
+            pass
+    return free
+
+
+def check_fits(nbytes, device, what, fix):
+    """One-line error when an estimate of the bytes something needs exceeds what `device` has."""
+    free = free_memory(device)
+    if nbytes > free:
+        raise UserError(f"{what} needs about {nbytes / 1e9:,.3g} GB, but {device.type} has "
+                        f"{free / 1e9:,.3g} GB free: {fix}")
+
+
+def data_shape(args):
+    """The shape of one example, known from the flags alone: (2,) or (C, H, W)."""
+    if not args.is_image:
+        return (2,)
+    return (1 if args.dataset == "digits" else 3, args.image_size, args.image_size)
+
+
+def estimate_params(args, shape):
+    """The --arch network's parameter count without building it: built at depth 1 and 2 on the
+    meta device (no memory) and extrapolated, as every network here grows linearly in depth
+    (func: its DiT part)."""
+    counts = []
+    for depth in (1, 2):
+        a = argparse.Namespace(**{**vars(args), "depth": depth,
+                                  "arch": "dit" if args.arch == "func" else args.arch})
+        with torch.device("meta"):
+            counts.append(count_params(build_net(a, shape)))
+    return counts[0] + (args.depth - 1) * (counts[1] - counts[0])
+
+
+def duration(seconds):
+    """Seconds -> 'h:mm:ss' (hours unbounded)."""
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """Prints '<what>: done/total, h:mm:ss left' at most every `every` seconds, so that a long
+    loop (sampling, toy2d.py's training) shows that it is alive and how long it will take."""
+    every = 30.0
+
+    def __init__(self, what, total, print_fn=print):
+        self.what, self.total, self.print = what, total, print_fn
+        self.start = self.last = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if 0 < done < self.total and now - self.last >= self.every:
+            self.last = now
+            self.print(f"{self.what}: {done}/{self.total}, "
+                       f"{duration((now - self.start) / done * (self.total - done))} left")
 
 
 class Run:
@@ -1708,32 +1988,52 @@ class Run:
         self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
+        self.changes = ""  # the flags --allow-changed let --resume change, as text
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
         torch.manual_seed(args.seed)  # same initial weights on every rank
         if args.mode not in ("train", "bench"):
             self.check_method(args.ckpt)
+        self.check_sizes()
         if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
                 and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
             load_fid_inception("cpu", args.inception_weights)
-        if self.master:
-            try:
-                os.makedirs(args.out_dir, exist_ok=True)
-                with open(os.path.join(args.out_dir, "log.txt"), "a"):
-                    pass
-            except OSError as e:
-                raise UserError(f"--out-dir {args.out_dir}: cannot write there ({e.strerror}); "
-                                "pass a folder you can write to") from None
+        if self.master:  # every folder this run writes to, checked before any work
+            writable_folder(args.out_dir, "--out-dir")
+            if args.mode == "train":
+                lock_folder(args.out_dir)
+            if args.mode == "sample" or (args.mode == "train" and (args.sample_every or 0) > 0):
+                writable_folder(args.samples_out, "--samples-out")
 
-    def check_run_folder(self):
+    def check_run_folder(self, total_steps=None):
         """Training never silently overwrites another run's ckpt.pt: --resume continues it,
-        --overwrite starts over (called by resume(), and early by stages that train first)."""
+        --overwrite starts over. --resume needs a checkpoint of this method and stage, written
+        with the same flags (check_unchanged) and at most total_steps (--steps) steps in.
+        Returns the checkpoint to resume from, or None. Called by resume(), and early by
+        asfm.py, whose reflow pairs and --init auto 1-RF come before its training loop."""
         args = self.args
-        if os.path.isfile(self.ckpt_path) and not (args.resume or getattr(args, "overwrite", False)):
-            ckpt = load_checkpoint(self.ckpt_path)
-            written_by = (ckpt.get("config") or {}).get("method", "an unknown method")
+        if not os.path.isfile(self.ckpt_path):
+            return None
+        ckpt = load_checkpoint(self.ckpt_path, mmap=True)  # resume() copies what it needs
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        written_by = config.get("method", "an unknown method")
+        if not args.resume:
+            if getattr(args, "overwrite", False):
+                return None
             raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
                             f"{ckpt.get('step', '?')}): pass --resume to continue it, "
                             "--overwrite to start over, or another --out-dir")
+        if written_by != args.method:
+            raise UserError(f"{self.ckpt_path} was written by {written_by}, not {args.method}: "
+                            "--resume needs a checkpoint of the same method (and stage); use "
+                            "another --out-dir")
+        self.changes = check_unchanged(args, config, self.ckpt_path)
+        total = args.steps if total_steps is None else total_steps
+        if ckpt["step"] > total:
+            extra = f" (--steps {args.steps} plus pre-training)" if total != args.steps else ""
+            raise UserError(f"{self.ckpt_path} is at step {ckpt['step']}, past the {total} steps "
+                            f"this run asks for{extra}: --resume cannot undo steps; pass a larger "
+                            "--steps to train longer, or --overwrite to start over")
+        return ckpt
 
     def check_method(self, path):
         """sample/eval refuse a checkpoint that another script wrote."""
@@ -1769,7 +2069,7 @@ class Run:
         eta = (self.args.steps - step) / rate if rate > 0 else 0
         parts = [f"step {step}/{self.args.steps}", f"loss {loss.item():.4f}"]
         parts += [f"{k} {float(v):.4g}" for k, v in scalars.items()]
-        parts += [f"{rate:.2f} steps/s", f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+        parts += [f"{rate:.2f} steps/s", f"eta {duration(eta)}"]
         self.print(" | ".join(parts))
 
     def check_finite(self, step, what="loss"):
@@ -1777,7 +2077,8 @@ class Run:
             last = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
                     if self.saved_step is not None else "no checkpoint of this run was written")
             raise UserError(f"{what} became NaN/inf before step {step}; stopped without saving, "
-                            f"{last}: lower --lr or use --amp fp32, then --resume")
+                            f"{last}: --resume with --amp fp32, or with a lower --lr and "
+                            "--allow-changed lr")
 
     def check_weights(self, step, *states):
         """Before a checkpoint is written: every floating tensor in it (weights, EMA, optimizer
@@ -1866,22 +2167,17 @@ class Run:
             torch.distributed.barrier()
         self.reseed(step)
 
-    def resume(self, **objects):
+    def resume(self, total_steps=None, **objects):
         """With --resume and a checkpoint in --out-dir: load every object's state and return
-        (step, checkpoint dict, local state or None); otherwise (0, None, None)."""
-        self.check_run_folder()
-        if not (self.args.resume and os.path.isfile(self.ckpt_path)):
+        (step, checkpoint dict, local state or None); otherwise (0, None, None). total_steps:
+        the step the run ends at (default --steps)."""
+        ckpt = self.check_run_folder(total_steps)
+        if ckpt is None:
             if self.args.resume:
                 self.print(f"no checkpoint at {self.ckpt_path}: starting from step 0")
             self.reseed(0)
             self._mark = (time.time(), 0)
             return 0, None, None
-        ckpt = load_checkpoint(self.ckpt_path, self.device)
-        written_by = (ckpt.get("config") or {}).get("method", "an unknown method")
-        if written_by != self.args.method:
-            raise UserError(f"{self.ckpt_path} was written by {written_by}, not {self.args.method}: "
-                            "--resume needs a checkpoint of the same method (and stage); use "
-                            "another --out-dir")
         for name, obj in objects.items():
             if name not in ckpt["state"]:
                 raise UserError(f"checkpoint '{self.ckpt_path}' has no '{name}': it was written "
@@ -1894,12 +2190,40 @@ class Run:
         self.reseed(ckpt["step"])
         self.saved_step = ckpt["step"]
         self._mark = (time.time(), ckpt["step"])
-        self.print(f"resumed from {self.ckpt_path} at step {ckpt['step']}")
+        done = ckpt["step"] == (self.args.steps if total_steps is None else total_steps)
+        self.print(f"resumed from {self.ckpt_path} at step {ckpt['step']}"
+                   + (f" with {self.changes} (--allow-changed)" if self.changes else "")
+                   + (": that is where --steps ends, so nothing is trained; pass a larger "
+                      "--steps to train longer" if done else ""))
         return ckpt["step"], ckpt, local
 
     def close(self):
+        if self.master and self.args.mode == "train":
+            unlock_folder(self.args.out_dir)
         if self.ddp and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+    def check_sizes(self):
+        """One-line errors, before anything is allocated, for sizes that cannot fit in memory:
+        the network (weights; training adds gradients, EMA and Adam's two moments), one batch
+        at the network's first layer (a lower bound of its activations), and the samples that
+        sampling and evaluation collect on the CPU."""
+        args, shape = self.args, data_shape(self.args)
+        train = args.mode == "train"
+        flag, n = ("--n", args.n) if args.mode == "sample" else ("--fid-n", args.fid_n)
+        n = n if args.mode in ("sample", "eval") or (train and args.eval_every) else 0
+        batch = self.local_batch if train or not n else min(args.batch_size, n)
+        per_sample = args.width  # floats out of the first layer: width (x H x W for a conv,
+        if len(shape) == 3:      # / patch^2 for a DiT's patch embedding)
+            per_sample *= shape[1] * shape[2] // (args.patch ** 2 if args.arch in ("dit", "func") else 1)
+        check_fits(4 * batch * per_sample, self.device, f"one batch of {batch} at the first layer",
+                   "lower --batch-size" + (" or --image-size" if len(shape) == 3 else ""))
+        params = estimate_params(args, shape)
+        check_fits(4 * params * (5 if train else 1), self.device,
+                   f"a network of {params:,} parameters" + (" (weights, gradients, EMA, Adam)" if train else ""),
+                   "lower --width or --depth")
+        check_fits(2 * 4 * n * math.prod(shape), torch.device("cpu"), f"{flag} {n} samples",
+                   f"lower {flag} (or sample in several runs with other --seed)")
 
 
 def config_dict(args):
@@ -1966,7 +2290,7 @@ def save_trajectories(panels, path, lim=5.0, ref=None, n_paths=64, size=3.0):
 def export_samples(path, samples, nfe):
     """.npz with key `samples` (uint8 NHWC for images, float32 [N, 2] for 2-D) and `nfe`."""
     s = samples.detach().float().cpu()
-    s = to_uint8(s).permute(0, 2, 3, 1).numpy() if s.ndim == 4 else s.numpy().astype(np.float32)
+    s = to_uint8(s).permute(0, 2, 3, 1).numpy() if s.ndim == 4 else s.numpy()  # float32 already
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     np.savez(path, samples=s, nfe=np.array(nfe))
 
@@ -1983,6 +2307,20 @@ def own_rng(fn):
     return wrapped
 
 
+def sample_in_batches(sample_fn, n, nfe, batch, print_fn=print):
+    """n samples from sample_fn(k, nfe) -> (x, NFE used), `batch` at a time, collected on the
+    CPU; prints progress on long runs. NaN/inf samples stop with one line (nothing is written)."""
+    xs, used, progress = [], None, Progress(f"sampling nfe={nfe}", n, print_fn)
+    for i in range(0, n, batch):
+        x, used = sample_fn(min(batch, n - i), nfe)
+        if not torch.isfinite(x).all():
+            raise UserError(f"sampling at NFE {nfe} gave NaN/inf values (nothing written): the "
+                            "checkpoint has probably diverged; sample an earlier one or retrain")
+        xs.append(x.float().cpu())
+        progress.update(i + len(x))
+    return torch.cat(xs), used
+
+
 @own_rng
 def write_samples(args, data, sample_fn, run):
     """--mode sample: --n samples at each --nfe from sample_fn(n, nfe) -> (x, nfe_used),
@@ -1991,11 +2329,7 @@ def write_samples(args, data, sample_fn, run):
     panels = []
     for nfe in args.nfe_list:
         torch.manual_seed(args.seed)
-        xs, used = [], None
-        for i in range(0, args.n, args.batch_size):
-            x, used = sample_fn(min(args.batch_size, args.n - i), nfe)
-            xs.append(x.float().cpu())
-        x = torch.cat(xs)
+        x, used = sample_in_batches(sample_fn, args.n, nfe, args.batch_size, run.print)
         export_samples(os.path.join(args.samples_out, f"nfe{nfe}.npz"), x, used)
         if data.is_image:
             save_image_grid(x, os.path.join(args.samples_out, f"nfe{nfe}.png"))
@@ -2025,11 +2359,7 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     else:
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
-        xs, used = [], None
-        for i in range(0, n, args.batch_size):
-            x, used = sample_fn(min(args.batch_size, n - i), nfe)
-            xs.append(x.float().cpu())
-        x = torch.cat(xs)
+        x, used = sample_in_batches(sample_fn, n, nfe, args.batch_size, run.print)
         if args.dataset == "digits":
             m = digits.report(x)
         else:

@@ -530,7 +530,8 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
                  r"--edit-index 0,99: indices must be in 0..3"),
                 ("asfm", ["--stage", "asfm", "--init", "none", "--steps", "3", "--mem-size", "3",
                           "--resume", "--out-dir", "{tmp}/asfm_run"],
-                 r"training memory is \(2, 32\).*this run's is \(3, 32\): resume with the --mem-size"),
+                 r"--resume: .*asfm_run/ckpt.pt was trained with --mem-size 2, this run has --mem-size 3: "
+                 r"pass the same flags, or --allow-changed mem-size"),
                 ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode",
                                       "sample", "--sample-res", "0"], "--sample-res \\[0\\]: sizes must be positive"),
                 ("toy2d", ["--data", "{tmp}/words.npy"], "holds <U.* not numbers"),
@@ -1105,7 +1106,7 @@ def test_diverging_run_keeps_a_finite_resumable_checkpoint(tmp_path):
     asfm.main(base + ["--steps", "3"])
     with pytest.raises(common.UserError, match=r"weights \(or the loss\) became NaN/inf before step 4;"
                        r" stopped without saving, the last good checkpoint is .*\(step 3\)"):
-        asfm.main(base + ["--steps", "6", "--lr", "1e37", "--resume"])
+        asfm.main(base + ["--steps", "6", "--lr", "1e37", "--resume", "--allow-changed", "lr"])
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 3
     assert all(torch.isfinite(v).all() for k in ("net", "ema") for v in ckpt["state"][k].values())
@@ -1653,7 +1654,7 @@ def test_resume_needs_matching_bank_mode(tmp_path):
     path, _ = points_file(tmp_path)
     integration_flow.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "1",
                   "--bank-update", "none"))
-    with pytest.raises(common.UserError, match="no anchor bank"):
+    with pytest.raises(common.UserError, match="trained with --bank-update none, this run has --bank-update output"):
         integration_flow.main(small(tmp_path, "r", "--dataset", "points", "--data-dir", path, "--steps", "2",
                       "--resume"))
 
