@@ -48,6 +48,7 @@ Commands:
 """
 import argparse
 import copy
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -525,23 +526,43 @@ def parse(argv):
     args = common.parse_args(parser, argv)
     presets = {k: dict(v, steps=v["rf_steps"]) if args.stage == "rf" else v for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method=f"asfm-{args.stage}",
-                              name="asfm" if args.stage == "asfm" else f"asfm-{args.stage}")
+                              name="asfm" if args.stage == "asfm" else f"asfm-{args.stage}",
+                              ranges=RANGES, applies=APPLIES)
     common.check_steps(args)
-    if min(args.mem_size, args.mem_nfe, args.freq) <= 0:
-        raise common.UserError("--mem-size, --mem-nfe and --freq must be positive")
     return args
+
+
+# this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
+RANGES = {"rf_steps": "[1, 1e12]", "mem_size": "[1, inf)", "mem_nfe": "[1, 10000]", "freq": "[1, inf)",
+          "lambda_fm": "[0, inf)", "lambda_adv": "[0, inf)", "r1": "[0, inf)", "lr_d": "(0, inf)",
+          "reflow_nfe": "[1, 10000]", "reflow_pairs": "[1, inf)", "edit_noise": "[0, inf)"}
+APPLIES = {**dict.fromkeys(["mem_size", "mem_nfe", "freq", "lambda_fm", "lambda_adv", "same_t", "r1", "lr_d"],
+                           (lambda a: a.stage == "asfm" or a.mode == "bench", "--stage asfm (and --mode bench)")),
+           **dict.fromkeys(["reflow_mode", "reflow_nfe"], (lambda a: a.stage == "reflow", "--stage reflow")),
+           "reflow_pairs": (lambda a: a.stage == "reflow" and a.reflow_mode == "offline", "offline reflow"),
+           "init": (lambda a: a.stage != "rf", "--stage reflow and asfm"),
+           "rf_steps": (lambda a: a.stage != "rf" and a.init == "auto", "--init auto"),
+           **dict.fromkeys(["edit_index", "edit_noise"], (lambda a: a.mode == "edit", "--mode edit"))}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     run = common.Run(args)
+    if args.mode == "train":  # a resumed run's stage, flags and steps, and sizes: before pairs or a 1-RF
+        run.check_run_folder()
+        pair = 8 * math.prod(common.data_shape(args))  # bytes of one (z, x1') pair
+        if args.stage == "reflow" and args.reflow_mode == "offline":
+            common.check_fits(pair * args.reflow_pairs, torch.device("cpu"), "--reflow-pairs", "lower it")
+        if args.stage == "asfm":
+            common.check_fits(pair * args.mem_size * run.local_batch, run.device, "--mem-size", "lower it")
     if args.mode == "train" and args.stage != "rf" and args.init == "auto":
-        run.check_run_folder()  # before a 1-RF trains for hours
         rf_dir = os.path.join(os.path.dirname(args.out_dir), f"asfm-rf-{args.dataset}-{args.preset}")
         args.init = os.path.join(rf_dir, "ckpt.pt")
         if not os.path.isfile(args.init) or common.load_checkpoint(args.init)["step"] < args.rf_steps:
-            rf_argv = argv + ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
+            rf = argparse.Namespace(**{**vars(args), "stage": "rf"})  # the flags a 1-RF does not take go
+            rf_argv = common.drop_flags(argv, [k for k, (ok, _) in APPLIES.items() if not ok(rf)] + ["overwrite"])
+            rf_argv += ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
             run.print("--init auto: training the 1-RF first: python asfm.py " + " ".join(rf_argv))
             rf_args = parse(rf_argv)
             launch(rf_args, common.Run(rf_args))

@@ -247,11 +247,11 @@ def noise_correlation(net, method, shape, n=500, batch=250, device="cpu"):
 def train(args, run, data, net, method):
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)  # iCT: RAdam
-    start, _, _ = run.resume(net=net, ema=ema, opt=opt)
-    model = run.wrap(net)
-    batches = common.ResumableBatches(data, run.local_batch, run, args.seed, start, args.workers)
+    batches = common.ResumableBatches(data, run.local_batch, run, args.seed, 0, args.workers)
     # global step = pre-training steps, then the K = --steps consistency steps
     pretrain = round(args.pretrain_epochs * batches.per_epoch) if args.arch == "func" else 0
+    start, _, _ = run.resume(pretrain + args.steps, net=net, ema=ema, opt=opt)
+    batches.step, model = start, run.wrap(net)
     if pretrain:
         ref = torch.stack([data.dataset[i][0] for i in range(min(len(data), 1000))])
         floor = (ref - ref.mean(0)).pow(2).mean().item()  # MSE of the per-pixel data mean
@@ -286,6 +286,8 @@ def train(args, run, data, net, method):
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.sample_every):
             common.write_samples(args, data, sampler(args, run, data, ema.model, method), run)
+        if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.eval_every):
+            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method))
     return ema
 
 
@@ -351,6 +353,15 @@ def bench_multires(args, run, data, net, method):
 #                                      CLI                                      #
 #################################################################################
 
+# this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
+RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
+          "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
+APPLIES = {**dict.fromkeys(["pretrain_epochs", "inr_width", "inr_depth", "jitter"],
+                           (lambda a: a.arch == "func", "--arch func (the INR generator)")),
+           "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench"), "images in --mode sample or bench"),
+           "ckpt": (lambda a: a.mode != "train", "sampling, evaluation and bench")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("consistency_func.py (the common flags follow)")
@@ -375,7 +386,7 @@ def main(argv=None):
                for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
                               archs=common.ARCHS, no_rk45="a consistency model has no ODE to solve; "
-                              "--nfe is the number of model steps (1 or more)")
+                              "--nfe is the number of model steps (1 or more)", ranges=RANGES, applies=APPLIES)
     R = args.image_size
     try:
         args.sample_res = [int(s) for s in (args.sample_res or str(R)).split(",")] if R else []
@@ -387,13 +398,18 @@ def main(argv=None):
         raise common.UserError(f"--arch {args.arch} samples only at its training size {R}; "
                                "rendering other sizes needs --arch func")
     run = common.Run(args)
+    if args.mode in ("sample", "bench") and args.is_image:  # renders: B x s x s x (INR or net width) floats
+        pixels = min(args.n, args.batch_size) * max(args.sample_res) ** 2
+        common.check_fits(4 * pixels * (args.inr_width if args.arch == "func" else args.width), run.device,
+                          "--sample-res", "lower it (or --n)")
     data = common.load_data(args)
     net = (common.FuncGenerator(*data.shape[:2], args.patch, args.width, args.depth, args.heads, args.dropout,
                                 inr_width=args.inr_width, inr_depth=args.inr_depth)
            if args.arch == "func" else common.build_net(args, data.shape)).to(run.device)
     net.jitter = args.jitter
     run.print(f"consistency_func: {args.arch} with {common.count_params(net) / 1e6:.3f}M parameters")
-    args.sigma_data = args.sigma_data or (0.5 if data.is_image else data.x.std().item())
+    if args.sigma_data is None:
+        args.sigma_data = 0.5 if data.is_image else data.x.std().item()
     method = ConsistencyTraining(args.steps, args.sigma_data, args.two_step_sigma)
     if args.mode != "train" and (args.mode != "bench" or os.path.isfile(args.ckpt)):
         common.load_weights(net, args.ckpt, args.weights, run.device)  # EMA by default

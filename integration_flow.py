@@ -313,6 +313,8 @@ def train(args, run, data, net, method):
             run.save(step + 1, net=net, ema=ema, opt=opt, **extra)
         if run.master and run.due(step + 1, args.sample_every):
             common.write_samples(args, data, sampler(args, run, data, ema.model, method), run)
+        if run.master and run.due(step + 1, args.eval_every):
+            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method))
     if run.master and start < args.steps:
         report(args, run, data, ema.model, method, history)
     return ema
@@ -403,15 +405,24 @@ def build_method(args):
     except (ValueError, AssertionError):
         raise common.UserError(f"--vp-betas '{args.vp_betas}': give two numbers 0 < min < max < 1, "
                                "e.g. 1e-4,0.02") from None
-    if not 0 <= args.w <= 1:
-        raise common.UserError(f"--w {args.w}: the data weight must be in [0, 1]")
-    if not 0 < args.sigma_min < args.sigma_max:
+    if not args.sigma_min < args.sigma_max:
         raise common.UserError("--sigma-min and --sigma-max need 0 < sigma-min < sigma-max")
-    if args.vp_steps < 2 or args.conv_iters < 1 or args.n_conv < 1:
-        raise common.UserError("--vp-steps must be >= 2, --conv-iters and --n-conv >= 1")
     return IntegrationFlow(args.ode, args.param, args.distance, args.huber_c, args.bank_update,
                            args.vp_steps, args.vp_schedule, betas, args.sigma_min, args.sigma_max,
                            args.sigma_data, args.anchor_input)
+
+
+# this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
+RANGES = {"huber_c": "(0, inf)", "w": "[0, 1]", "vp_steps": "[2, 100000]", "sigma_min": "(0, inf)",
+          "sigma_max": "(0, inf)", "sigma_data": "(0, inf)", "conv_iters": "[1, 10000]", "n_conv": "[1, inf)"}
+VE_ONLY = (lambda a: a.ode == "ve", "--ode ve")
+APPLIES = {"huber_c": (lambda a: a.distance == "pseudo-huber", "--distance pseudo-huber"),
+           "w": (lambda a: a.w_schedule == "const" and a.bank_update != "none", "--w-schedule const"),
+           "w_schedule": (lambda a: a.bank_update != "none", "training with an anchor bank"),
+           "bank_dtype": (lambda a: a.bank_update != "none", "training with an anchor bank"),
+           "vp_steps": (lambda a: a.ode == "vp", "--ode vp"), "vp_schedule": (lambda a: a.ode == "vp", "--ode vp"),
+           "vp_betas": (lambda a: a.ode == "vp" and a.vp_schedule == "linear", "--ode vp --vp-schedule linear"),
+           "sigma_min": VE_ONLY, "sigma_max": VE_ONLY, "sigma_data": VE_ONLY}
 
 
 def anchor_input(args):
@@ -456,7 +467,7 @@ def main(argv=None):
     common.add_common_args(parser)
     args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",
                               default_nfe="1,2,4", no_rk45="Integration Flow has no ODE to solve; "
-                              "--nfe is the number of anchor iterations")
+                              "--nfe is the number of anchor iterations", ranges=RANGES, applies=APPLIES)
     common.check_steps(args)
     xattn = anchor_input(args) == "xattn"
     method = build_method(args)

@@ -454,13 +454,24 @@ def parse(argv):
     a("--bpd", action="store_true", help="--mode eval: also the exact likelihood")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
     common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
-    args = common.finish_args(common.parse_args(parser, argv), presets=PRESETS, method="scoreflow",
-                              default_nfe="1,2,4,8,rk45")
+    args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source", "source_dir")})
+    args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8,rk45",
+                              ranges=RANGES, applies=APPLIES)
     common.check_steps(args)
-    if args.beta < 0 or not 0 <= args.p_uncond < 1:
-        raise common.UserError("--beta must be >= 0 and --p-uncond in [0, 1)")
     args.source_dir = args.source_dir or args.data_dir
     return args
+
+
+# this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work);
+# --p-uncond and --cfg need a class-conditional model, which main() knows once the data is loaded
+RANGES = {"beta": "[0, inf)", "p_uncond": "[0, 1)", "cfg": "(-inf, inf)", "src_class": "[0, inf)",
+          "tgt_class": "[0, inf)"}
+TRANSLATE = (lambda a: a.mode == "translate", "--mode translate")
+APPLIES = {**dict.fromkeys(["src_class", "tgt_class", "ckpt_b", "translate"], TRANSLATE),
+           "bpd": (lambda a: a.mode == "eval", "--mode eval"),
+           "div": (lambda a: a.mode == "eval" and a.bpd, "--mode eval --bpd"),
+           "source_dir": (lambda a: a.source, "--source"),
+           "p_uncond": (lambda a: a.mode in ("train", "bench"), "training")}
 
 
 def main(argv=None):
@@ -485,6 +496,10 @@ def main(argv=None):
     if args.mode in ("train", "bench"):
         cond = data.num_classes if args.class_cond or (args.class_cond is None and not source) else 0
         net = common.build_net(args, data.shape, num_classes=cond).to(run.device)
+    for flag in ("p_uncond", "cfg"):
+        if flag in args.given and not cond:
+            raise common.UserError(f"--{flag.replace('_', '-')} does not apply to this run: it is for "
+                                   "class-conditional models (this one has no classes); leave it out")
     args.cond_classes = cond  # saved in the checkpoint's config: eval/translate rebuild from it
     method = ScoreFlow(args.beta, args.pc_lambda, args.p_uncond, cond)
     result = None

@@ -32,6 +32,7 @@ NFE 1, 2, 100 over the data in grey) and <out>/toy2d.md (the table, also printed
 import argparse
 import copy
 import os
+import sys
 import time
 
 import torch
@@ -57,10 +58,11 @@ def fit(net, step_fn, steps, lr=LR, ema_decay=0.995):
     step_fn(net, step, update): the method's own training step, which calls update(loss) once.
     Returns the EMA network (used for all sampling)."""
     opt, hp = torch.optim.Adam(net.parameters(), lr=lr), argparse.Namespace(lr=lr, warmup=100, grad_clip=1.0)
-    ema = common.EMA(net, ema_decay)
+    ema, progress = common.EMA(net, ema_decay), common.Progress("training steps", steps)
     for step in range(steps):
         step_fn(net, step, lambda loss: common.optimize(opt, loss, net, hp, step))
         ema.update(net, step)
+        progress.update(step + 1)
     return ema.model
 
 
@@ -230,7 +232,8 @@ def table(results):
 #################################################################################
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
     p.add_argument("--dist", default="8gaussians", help="target of set-up (a): a common.py 2-D toy")
     p.add_argument("--data", default=None, help="FILE.npy of [N, 2] points: target of set-up (a)")
@@ -238,15 +241,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2000, help="training steps (reflow/ASFM: half, from 1-RF)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/toy2d", help="folder for toy2d.png and toy2d.md")
-    args = p.parse_args(argv)
+    args = p.parse_args(common.attach_negative_values(sys.argv[1:] if argv is None else argv))
+    common.check_numbers(args, {"steps": "[10, 1000000]", "seed": "[0, 4294967295]"})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             raise common.UserError(f"unknown method '{m}': choose from {', '.join(METHODS)}")
-    if args.steps < 10:
-        raise common.UserError("--steps must be at least 10")
+    if not methods:
+        raise common.UserError(f"--methods '{args.methods}' names no method: choose from {', '.join(METHODS)}")
     if not args.setups or set(args.setups.split(",")) - {"a", "b"}:
         raise common.UserError(f"--setups {args.setups}: use a, b or a,b")
+    if "a" not in args.setups and not set(methods) & set(FLOWS):
+        raise common.UserError(f"--methods {args.methods} start from noise, so they run in set-up a only: "
+                               "add --setups a, or a flow (rf, reflow, asfm, scoreflow)")
+    if args.data and args.dist != p.get_default("dist"):
+        raise common.UserError("--dist and --data both name the target of set-up a: pass one")
     try:  # fail now, not after the training
         os.makedirs(args.out, exist_ok=True)
         open(os.path.join(args.out, "toy2d.md"), "a").close()
