@@ -6,12 +6,15 @@ FID); asfm.py; integration_flow.py; consistency_func.py; scoreflow.py; toy2d.py;
 for all four scripts (real digits, one training step per method, --help and run folders).
 """
 import argparse
+import contextlib
+import glob
 import hashlib
 import math
 import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -562,6 +565,8 @@ def bad_inputs(tmp_path_factory):
     asfm.main(["--stage", "rf", "--dataset", "folder", "--data-dir", str(tmp / "img"), "--steps", "1",
                "--batch-size", "4", "--workers", "0", "--width", "16", "--device", "cpu",
                "--out-dir", str(tmp / "img_run")])
+    integration_flow.main(["--steps", "1", "--n-conv", "8", "--conv-iters", "1", "--fid-n", "50",
+                           "--out-dir", str(tmp / "if_run")] + small)
     return tmp
 
 
@@ -2425,3 +2430,241 @@ def test_func_arch_belongs_to_consistency_func(tmp_path):
     for script in ("asfm", "integration_flow", "scoreflow"):
         with pytest.raises(common.UserError, match="--arch func: this script trains mlp, unet, ddpmpp, dit"):
             MODULES[script].main(["--dataset", "digits", "--arch", "func", "--out-dir", str(tmp_path)])
+
+
+# ---- issue 23: nothing silently wrong (no wrong result, traceback, hang or lost run) -------
+
+HOLD_LOCK = """import argparse, sys, time, common
+args = common.add_common_args(argparse.ArgumentParser()).parse_args(["--out-dir", sys.argv[1], "--device", "cpu"])
+common.Run(common.finish_args(args, method="holder"))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(folder):
+    """A live process that took <folder>'s run lock, as a training run there would have."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=HERE, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def held_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("held")
+    proc = hold_lock(folder)
+    yield folder
+    proc.kill()
+    proc.wait()
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Turn a hang into a failure (SIGALRM)."""
+    def stop(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+ASFM_RESUME = ["--stage", "asfm", "--init", "none", "--mem-size", "2", "--out-dir", "{tmp}/asfm_run", "--resume"]
+# (class of the fault on the code before issue 23, script, argv, the one line it must end in)
+ISSUE23_CASES = [
+    ("wrong result: out-of-range method flag", "consistency_func", ["--two-step-sigma", "nan"],
+     r"--two-step-sigma nan is out of range: use a number in \(0.002, 80.0\)"),
+    ("wrong result: a replaced value", "consistency_func", ["--sigma-data", "0"], "--sigma-data 0.0 is out of range"),
+    ("wrong result: a flag that does not apply", "asfm", ["--hflip"],
+     r"--hflip does not apply to this run: it is for images \(2-D points"),
+    ("wrong result: a flag of another mode", "scoreflow", ["--src-class", "1"],
+     "--src-class does not apply to this run: it is for --mode translate"),
+    ("wrong result: a flag of another stage", "asfm", ["--stage", "rf", "--r1", "1"],
+     r"--r1 does not apply to this run: it is for --stage asfm"),
+    ("wrong result: sampling with another dataset", "asfm",
+     ["--mode", "sample", "--ckpt", "{tmp}/asfm_run/ckpt.pt", "--dataset", "moons"],
+     "--dataset moons: .*asfm_run/ckpt.pt was written with --dataset 8gaussians: pass the same flags"),
+    ("wrong result: resume with another lr", "asfm", ASFM_RESUME + ["--lr", "0.5"],
+     r"--resume: .* was trained with --lr 0.001, this run has --lr 0.5: pass the same flags, or "
+     "--allow-changed lr to change them on purpose"),
+    ("wrong result: resume with fewer steps", "asfm", ASFM_RESUME + ["--steps", "1"],
+     "is at step 2, past the 1 steps this run asks for: --resume cannot undo steps"),
+    ("wrong result: resume and overwrite", "asfm", ASFM_RESUME + ["--overwrite"],
+     "--resume continues <out-dir>/ckpt.pt and --overwrite starts over: pass one"),
+    ("wrong result: stage mismatch after a whole 1-RF", "asfm",
+     ["--stage", "asfm", "--resume", "--dataset", "folder", "--data-dir", "{tmp}/img", "--out-dir", "{tmp}/img_run"],
+     "img_run/ckpt.pt was written by asfm-rf, not asfm-asfm"),
+    ("traceback: --samples-out is a file", "integration_flow",
+     ["--mode", "sample", "--ckpt", "{tmp}/if_run/ckpt.pt", "--samples-out", "{tmp}/file.txt"],
+     "--samples-out .*file.txt: cannot write there"),
+    ("traceback: zero reflow pairs", "asfm", ["--stage", "reflow", "--init", "none", "--reflow-pairs", "0"],
+     r"--reflow-pairs 0 is out of range: use a number >= 1"),
+    ("traceback: a seed torch cannot take", "scoreflow", ["--seed", "99999999999999999999"],
+     r"--seed 99999999999999999999 is out of range: use a number in \[0, 4294967295\]"),
+    ("traceback: FID of one sample", "integration_flow", ["--mode", "eval", "--fid-n", "1"], "--fid-n 1 is out of range"),
+    ("traceback: no method", "toy2d", ["--methods", ","], "--methods ',' names no method"),
+    ("traceback: no run at all", "toy2d", ["--methods", "if", "--setups", "b"], "run in set-up a only"),
+    ("traceback: a width DiT cannot split", "consistency_func",
+     ["--dataset", "folder", "--data-dir", "{tmp}/img", "--arch", "func", "--width", "5"],
+     "--width 5: --arch func needs a multiple of 4"),
+    ("traceback: zero INR width", "consistency_func",
+     ["--dataset", "folder", "--data-dir", "{tmp}/img", "--inr-width", "0"], "--inr-width 0 is out of range"),
+    ("traceback: a network larger than memory", "asfm", ["--width", "1000000"],
+     r"a network of [\d,]+ parameters \(weights, gradients, EMA, Adam\) needs about [\d,.e+]+ GB, but cpu "
+     r"has [\d,.e+]+ GB free: lower --width or --depth"),
+    ("hang: absurd NFE", "asfm", ["--mode", "sample", "--ckpt", "{tmp}/asfm_run/ckpt.pt", "--nfe", "100000000"],
+     "--nfe 100000000 is out of range: use at most 10000"),
+    ("hang: more samples than memory", "scoreflow", ["--mode", "sample", "--n", "1000000000000"],
+     r"--n 1000000000000 samples needs about [\d,.e+]+ GB, but cpu has .* free: lower --n"),
+    ("hang: absurd toy2d steps", "toy2d", ["--steps", "100000000000000000000"], "--steps .* is out of range"),
+    ("data loss: a second run into a live run's folder", "integration_flow", ["--out-dir", "{held}"],
+     r"--out-dir .*held.* is in use by a live run \(pid \d+ on .*\): wait for it to finish"),
+    ("misleading: a negative lr", "asfm", ["--lr", "-1e-3"], r"--lr -0.001 is out of range: use a number > 0"),
+    ("misleading: guidance weight nan", "scoreflow", ["--cfg", "nan"], "--cfg nan is out of range: use a finite number"),
+]
+
+
+@pytest.mark.parametrize("cls, script, argv, msg", ISSUE23_CASES, ids=[c[0] for c in ISSUE23_CASES])
+def test_issue23_every_fault_class_ends_in_one_line(bad_inputs, held_folder, cls, script, argv, msg, capsys,
+                                                    tmp_path):
+    # one representative of each class found by trying bad inputs on a fresh clone; each ended
+    # in a wrong result (exit 0), a traceback, a hang or a lost run before
+    argv = [a.replace("{tmp}", str(bad_inputs)).replace("{held}", str(held_folder)) for a in argv]
+    if script == "toy2d":
+        argv = ["--out", str(tmp_path / "toy2d")] + argv
+    else:
+        image = "folder" in argv
+        argv = (["--device", "cpu", "--width", "16", "--batch-size", "4" if image else "32", "--steps", "2",
+                 "--out-dir", str(tmp_path / "run")] + (["--workers", "0"] if image else []) + argv)
+    def written():  # the folders and checkpoints of the fixture's runs
+        return sorted(os.listdir(bad_inputs)), {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{bad_inputs}/*/*.pt")}
+    before = written()
+    with deadline(60), pytest.raises(SystemExit) as e:
+        common.run_cli(MODULES[script].main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(msg, err), err
+    assert written() == before  # nothing was trained or overwritten (and no --init auto 1-RF)
+
+
+def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, capsys):
+    folder = tmp_path / "run"
+    toy = ["--steps", "2", "--width", "16", "--batch-size", "32", "--device", "cpu", "--out-dir", str(folder)]
+    holder = hold_lock(folder)
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(asfm.main, ["--stage", "rf"] + toy)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        assert f"is in use by a live run (pid {holder.pid} on {socket.gethostname()}" in err
+        assert not (folder / "ckpt.pt").exists() and not (folder / "log.txt").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of any kind, the lock file stays
+        holder.wait()
+    assert (folder / "run.lock").exists()
+    asfm.main(["--stage", "rf"] + toy)  # the OS released the dead holder's lock
+    assert common.load_checkpoint(str(folder / "ckpt.pt"))["step"] == 2
+    # this process holds it now: the next run here may take it (same process), others may not
+    assert f"pid {os.getpid()} " in (folder / "run.lock").read_text()
+
+
+def test_resume_accepts_announced_changes_and_more_steps(tmp_path, capsys):
+    toy = ["--stage", "rf", "--width", "16", "--batch-size", "32", "--device", "cpu"]
+    out = tmp_path / "rf"
+    asfm.main(toy + ["--steps", "3", "--out-dir", str(out)])
+    # the team's way to train a finished run longer: copy it, resume with a larger --steps
+    (tmp_path / "rfx").mkdir()
+    shutil.copy(out / "ckpt.pt", tmp_path / "rfx" / "ckpt.pt")
+    asfm.main(toy + ["--steps", "5", "--out-dir", str(tmp_path / "rfx"), "--resume"])
+    assert common.load_checkpoint(str(tmp_path / "rfx" / "ckpt.pt"))["step"] == 5
+    with pytest.raises(common.UserError, match=r"trained with --batch-size 32 --lr 0.001, this run has "
+                       r"--batch-size 64 --lr 0.0005: pass the same flags, or --allow-changed batch-size,lr"):
+        asfm.main(toy + ["--steps", "6", "--out-dir", str(out), "--resume", "--lr", "5e-4", "--batch-size", "64"])
+    capsys.readouterr()
+    asfm.main(toy + ["--steps", "6", "--out-dir", str(out), "--resume", "--lr", "5e-4", "--allow-changed", "lr"])
+    assert "resumed from" in capsys.readouterr().out
+    assert "at step 3 with --lr 0.0005 (--allow-changed)" in (out / "log.txt").read_text()
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 6 and ckpt["config"]["lr"] == 5e-4  # the new value is the run's from now on
+    asfm.main(toy + ["--steps", "6", "--out-dir", str(out), "--resume", "--lr", "5e-4"])
+    assert "at step 6: that is where --steps ends, so nothing is trained" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="--allow-changed: nope is not a flag of this script"):
+        asfm.main(toy + ["--out-dir", str(out), "--resume", "--allow-changed", "lr,nope"])
+    with pytest.raises(common.UserError, match="--allow-changed does not apply to this run: it is for --resume"):
+        asfm.main(toy + ["--out-dir", str(tmp_path / "new"), "--allow-changed", "lr"])
+
+
+def test_sixteen_bit_grey_png_loads_as_grey(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "img" / "a.png")  # 50% grey
+    x = common._rgb(str(tmp_path / "img" / "a.png"))
+    assert x.mode == "RGB" and np.asarray(x).min() == np.asarray(x).max() == 128  # not 255 (white)
+
+
+def test_a_sampler_that_gives_nan_stops_before_writing(tmp_path, capsys):
+    out = tmp_path / "cm"
+    toy = ["--width", "16", "--batch-size", "32", "--device", "cpu", "--out-dir", str(out)]
+    consistency_func.main(toy + ["--steps", "1"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for v in ckpt["state"]["ema"].values():
+        v.fill_(float("nan"))  # a diverged run (these weights could never be saved by training)
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(consistency_func.main, ["--mode", "sample", "--ckpt", str(out / "ckpt.pt"), "--nfe", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "sampling at NFE 2 gave NaN/inf values" in err
+    assert not (out / "samples" / "nfe2.npz").exists()
+
+
+def test_long_sampling_prints_progress(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    asfm.main(["--stage", "rf", "--steps", "1", "--width", "16", "--device", "cpu", "--out-dir", str(out)])
+    monkeypatch.setattr(common.Progress, "every", 0.0)  # print after every batch
+    asfm.main(["--mode", "sample", "--ckpt", str(out / "ckpt.pt"), "--n", "100", "--batch-size", "40", "--nfe", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("sampling nfe=2:")]
+    assert [l.split(",")[0] for l in lines] == ["sampling nfe=2: 40/100", "sampling nfe=2: 80/100"]
+    assert all(re.search(r", \d+:\d\d:\d\d left$", l) for l in lines)
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (2,)), ("unet", (3, 16, 16)), ("dit", (3, 16, 16)),
+                                        ("ddpmpp", (3, 16, 16))])
+def test_parameter_estimate_is_the_real_count(arch, shape):
+    argv = ["--depth", "3", "--width", "32"] + (["--dataset", "folder", "--arch", arch] if len(shape) == 3 else [])
+    args = make_args(argv)
+    assert common.estimate_params(args, shape) == common.count_params(common.build_net(args, shape))
+
+
+def test_sizes_that_cannot_fit_stop_with_an_estimate(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "free_memory", lambda device: 10**6)  # a machine with 1 MB free
+    toy = ["--stage", "rf", "--device", "cpu", "--steps", "1", "--out-dir", str(tmp_path)]
+    asfm.main(toy + ["--width", "64", "--depth", "3"])  # 21k parameters: 0.4 MB to train, fits
+    with pytest.raises(common.UserError, match=r"a network of 74,882 parameters \(weights, gradients, EMA, "
+                       r"Adam\) needs about 0.0015 GB, but cpu has 0.001 GB free: lower --width or --depth"):
+        asfm.main(toy + ["--width", "128", "--depth", "3", "--overwrite"])  # 1.5 MB, does not
+    with pytest.raises(common.UserError, match=r"one batch of 4 at the first layer needs about 0.0021 GB, but "
+                       "cpu has 0.001 GB free: lower --batch-size or --image-size"):
+        asfm.main(toy + ["--dataset", "digits", "--image-size", "128", "--batch-size", "4", "--width", "8"])
+    with pytest.raises(common.UserError, match=r"--mem-size needs about .*: lower it"):
+        asfm.main(["--stage", "asfm", "--init", "none", "--mem-size", "5000", "--width", "8", "--device", "cpu",
+                   "--out-dir", str(tmp_path / "m")])
+
+
+def test_eval_every_evaluates_during_training_in_every_script(tmp_path, capsys):
+    toy = ["--steps", "2", "--eval-every", "2", "--fid-n", "64", "--width", "16", "--batch-size", "32",
+           "--device", "cpu", "--nfe", "1"]
+    integration_flow.main(toy + ["--n-conv", "8", "--conv-iters", "1", "--out-dir", str(tmp_path / "if")])
+    consistency_func.main(toy + ["--out-dir", str(tmp_path / "cm")])
+    for run in ("if", "cm"):
+        assert "eval nfe=1: sw2=" in (tmp_path / run / "log.txt").read_text()
+
+
+def test_flags_of_a_class_conditional_model_on_an_unconditional_one(tmp_path):
+    flags = SF_TINY + ["--steps", "1", "--no-class-cond", "--out-dir", str(tmp_path)]
+    for flag in (["--cfg", "2"], ["--p-uncond", "0.2"]):
+        with pytest.raises(common.UserError, match=f"{flag[0]} does not apply to this run: it is for "
+                           "class-conditional models"):
+            scoreflow.main(flags + flag)
