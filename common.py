@@ -162,8 +162,7 @@ RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "
 # one of them is refused (training-only flags such as --lr or --steps do nothing there).
 SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
                  "inr_width", "inr_depth", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
-                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source",
-                 "source_dir", "stage"}
+                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
 # Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
 # and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
 RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",
@@ -1830,6 +1829,8 @@ def check_unchanged(args, config, path):
 
 def writable_folder(path, flag):
     """Create the folder if needed and check that files can be written there (one-line error)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder: pass a folder")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -2209,7 +2210,7 @@ class Run:
         at the network's first layer (a lower bound of its activations), and the samples that
         sampling and evaluation collect on the CPU."""
         args, shape = self.args, data_shape(self.args)
-        train = args.mode == "train"
+        train = args.mode in ("train", "bench")
         flag, n = ("--n", args.n) if args.mode == "sample" else ("--fid-n", args.fid_n)
         n = n if args.mode in ("sample", "eval") or (train and args.eval_every) else 0
         batch = self.local_batch if train or not n else min(args.batch_size, n)

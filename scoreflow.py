@@ -454,7 +454,7 @@ def parse(argv):
     a("--bpd", action="store_true", help="--mode eval: also the exact likelihood")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
     common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
-    args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source", "source_dir")})
+    args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source")})
     args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8,rk45",
                               ranges=RANGES, applies=APPLIES)
     common.check_steps(args)

@@ -2500,7 +2500,7 @@ ISSUE23_CASES = [
      "img_run/ckpt.pt was written by asfm-rf, not asfm-asfm"),
     ("traceback: --samples-out is a file", "integration_flow",
      ["--mode", "sample", "--ckpt", "{tmp}/if_run/ckpt.pt", "--samples-out", "{tmp}/file.txt"],
-     "--samples-out .*file.txt: cannot write there"),
+     "--samples-out .*file.txt is a file, not a folder: pass a folder"),
     ("traceback: zero reflow pairs", "asfm", ["--stage", "reflow", "--init", "none", "--reflow-pairs", "0"],
      r"--reflow-pairs 0 is out of range: use a number >= 1"),
     ("traceback: a seed torch cannot take", "scoreflow", ["--seed", "99999999999999999999"],
