@@ -537,7 +537,7 @@ RANGES = {"rf_steps": "[1, 1e12]", "mem_size": "[1, inf)", "mem_nfe": "[1, 10000
           "lambda_fm": "[0, inf)", "lambda_adv": "[0, inf)", "r1": "[0, inf)", "lr_d": "(0, inf)",
           "reflow_nfe": "[1, 10000]", "reflow_pairs": "[1, inf)", "edit_noise": "[0, inf)"}
 APPLIES = {**dict.fromkeys(["mem_size", "mem_nfe", "freq", "lambda_fm", "lambda_adv", "same_t", "r1", "lr_d"],
-                           (lambda a: a.stage == "asfm" or a.mode == "bench", "--stage asfm (and --mode bench)")),
+                           (lambda a: a.stage == "asfm" or a.mode == "bench", "--stage asfm, --mode bench")),
            **dict.fromkeys(["reflow_mode", "reflow_nfe"], (lambda a: a.stage == "reflow", "--stage reflow")),
            "reflow_pairs": (lambda a: a.stage == "reflow" and a.reflow_mode == "offline", "offline reflow"),
            "init": (lambda a: a.stage != "rf", "--stage reflow and asfm"),
@@ -560,7 +560,7 @@ def main(argv=None):
         rf_dir = os.path.join(os.path.dirname(args.out_dir), f"asfm-rf-{args.dataset}-{args.preset}")
         args.init = os.path.join(rf_dir, "ckpt.pt")
         if not os.path.isfile(args.init) or common.load_checkpoint(args.init)["step"] < args.rf_steps:
-            rf = argparse.Namespace(**{**vars(args), "stage": "rf"})  # the flags a 1-RF does not take go
+            rf = argparse.Namespace(**{**vars(args), "stage": "rf"})  # without the flags a 1-RF does not take
             rf_argv = common.drop_flags(argv, [k for k, (ok, _) in APPLIES.items() if not ok(rf)] + ["overwrite"])
             rf_argv += ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
             run.print("--init auto: training the 1-RF first: python asfm.py " + " ".join(rf_argv))

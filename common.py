@@ -364,6 +364,7 @@ APPLIES = {
                 "image files (2-D data and digits are indexed in memory)"),
     "inception_weights": (lambda a: a.is_image and a.dataset != "digits",
                           "FID on image data (digits are scored by their own classifier)"),
+    "amp": (lambda a: a.mode in ("train", "bench"), "training (sampling runs in --eval-amp)"),
     "resume": (lambda a: a.mode == "train", "--mode train"),
     "overwrite": (lambda a: a.mode == "train", "--mode train"),
     "allow_changed": (lambda a: a.resume, "--resume"),

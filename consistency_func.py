@@ -358,7 +358,8 @@ RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGM
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
 APPLIES = {**dict.fromkeys(["pretrain_epochs", "inr_width", "inr_depth", "jitter"],
                            (lambda a: a.arch == "func", "--arch func (the INR generator)")),
-           "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench"), "images in --mode sample or bench"),
+           "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench"),
+                          "images in --mode sample or bench"),
            "ckpt": (lambda a: a.mode != "train", "sampling, evaluation and bench")}
 
 

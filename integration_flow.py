@@ -420,7 +420,8 @@ APPLIES = {"huber_c": (lambda a: a.distance == "pseudo-huber", "--distance pseud
            "w": (lambda a: a.w_schedule == "const" and a.bank_update != "none", "--w-schedule const"),
            "w_schedule": (lambda a: a.bank_update != "none", "training with an anchor bank"),
            "bank_dtype": (lambda a: a.bank_update != "none", "training with an anchor bank"),
-           "vp_steps": (lambda a: a.ode == "vp", "--ode vp"), "vp_schedule": (lambda a: a.ode == "vp", "--ode vp"),
+           **dict.fromkeys(["vp_steps", "vp_schedule"], (lambda a: a.ode == "vp", "--ode vp")),
+           "param": (lambda a: a.ode != "vp", "--ode ve and rf (vp's is always out = x_t - F)"),
            "vp_betas": (lambda a: a.ode == "vp" and a.vp_schedule == "linear", "--ode vp --vp-schedule linear"),
            "sigma_min": VE_ONLY, "sigma_max": VE_ONLY, "sigma_data": VE_ONLY}
 

@@ -471,6 +471,7 @@ APPLIES = {**dict.fromkeys(["src_class", "tgt_class", "ckpt_b", "translate"], TR
            "bpd": (lambda a: a.mode == "eval", "--mode eval"),
            "div": (lambda a: a.mode == "eval" and a.bpd, "--mode eval --bpd"),
            "source_dir": (lambda a: a.source, "--source"),
+           "pc_lambda": (lambda a: a.beta > 0, "--beta > 0 (the path-constrained term)"),
            "p_uncond": (lambda a: a.mode in ("train", "bench"), "training")}
 
 
