@@ -1848,23 +1848,25 @@ def lock_folder(folder):
     """Refuse a run folder that another live process trains in: an exclusive flock on
     <folder>/run.lock, which the OS drops when the holder exits, however it exits (a killed run
     leaves no stale lock). The file names the holder. A second Run of this process reuses the
-    lock. Without fcntl (Windows) folders are not locked."""
+    lock. Where there is no flock (Windows, some network file systems) it says so and goes on."""
     key = os.path.realpath(folder)
-    try:
-        import fcntl
-    except ImportError:
-        return
     if key in _LOCKS:
         return
     f = open(os.path.join(folder, "run.lock"), "a+")
     try:
+        import fcntl  # Unix only
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
         raise UserError(f"--out-dir {folder} is in use by a live run ({holder}): wait for it to "
                         "finish, stop it, or pass another --out-dir") from None
+    except (ImportError, OSError) as e:
+        print(f"note: --out-dir {folder} cannot be locked here ({getattr(e, 'strerror', None) or e}): "
+              "make sure no other run trains into it", file=sys.stderr)
+        f.close()
+        return
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')}\n")
@@ -2213,7 +2215,7 @@ class Run:
         args, shape = self.args, data_shape(self.args)
         train = args.mode in ("train", "bench")
         flag, n = ("--n", args.n) if args.mode == "sample" else ("--fid-n", args.fid_n)
-        n = n if args.mode in ("sample", "eval") or (train and args.eval_every) else 0
+        n = n if args.mode in ("sample", "eval", "translate") or (train and args.eval_every) else 0
         batch = self.local_batch if train or not n else min(args.batch_size, n)
         per_sample = args.width  # floats out of the first layer: width (x H x W for a conv,
         if len(shape) == 3:      # / patch^2 for a DiT's patch embedding)

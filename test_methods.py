@@ -7,6 +7,7 @@ for all four scripts (real digits, one training step per method, --help and run 
 """
 import argparse
 import contextlib
+import errno
 import glob
 import hashlib
 import math
@@ -2577,6 +2578,17 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, capsys)
     assert common.load_checkpoint(str(folder / "ckpt.pt"))["step"] == 2
     # this process holds it now: the next run here may take it (same process), others may not
     assert f"pid {os.getpid()} " in (folder / "run.lock").read_text()
+
+
+def test_a_file_system_without_locks_trains_unlocked_and_says_so(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    asfm.main(["--stage", "rf", "--steps", "1", "--width", "16", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert "cannot be locked here (No locks available): make sure no other run" in capsys.readouterr().err
+    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
 
 
 def test_resume_accepts_announced_changes_and_more_steps(tmp_path, capsys):
