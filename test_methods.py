@@ -2598,7 +2598,8 @@ def test_resume_accepts_announced_changes_and_more_steps(tmp_path, capsys):
     # the team's way to train a finished run longer: copy it, resume with a larger --steps
     (tmp_path / "rfx").mkdir()
     shutil.copy(out / "ckpt.pt", tmp_path / "rfx" / "ckpt.pt")
-    asfm.main(toy + ["--steps", "5", "--out-dir", str(tmp_path / "rfx"), "--resume"])
+    asfm.main(toy + ["--steps", "5", "--out-dir", str(tmp_path / "rfx"), "--resume",
+                     "--data-dir", str(tmp_path / "moved")])  # a toy reads no files: its data folder is free
     assert common.load_checkpoint(str(tmp_path / "rfx" / "ckpt.pt"))["step"] == 5
     with pytest.raises(common.UserError, match=r"trained with --batch-size 32 --lr 0.001, this run has "
                        r"--batch-size 64 --lr 0.0005: pass the same flags, or --allow-changed batch-size,lr"):
