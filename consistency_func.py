@@ -251,7 +251,8 @@ def train(args, run, data, net, method):
     # global step = pre-training steps, then the K = --steps consistency steps
     pretrain = round(args.pretrain_epochs * batches.per_epoch) if args.arch == "func" else 0
     start, _, _ = run.resume(pretrain + args.steps, net=net, ema=ema, opt=opt)
-    batches.step, model = start, run.wrap(net)
+    batches.step = start  # the data stream goes on where the checkpoint stopped
+    model = run.wrap(net)
     if pretrain:
         ref = torch.stack([data.dataset[i][0] for i in range(min(len(data), 1000))])
         floor = (ref - ref.mean(0)).pow(2).mean().item()  # MSE of the per-pixel data mean
