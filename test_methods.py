@@ -1005,6 +1005,15 @@ def test_memory_pairs_come_from_the_current_model():
     assert not torch.allclose(x1_new, x1, atol=0.1)
 
 
+def test_asfm_presets_follow_the_memory_rule_and_the_digits_ablations():
+    tiny = asfm.parse(["--dataset", "digits"])  # the memory holds at least the 1500 training digits
+    assert tiny.mem_size * tiny.batch_size >= common.DIGITS_TRAIN and (tiny.same_t, tiny.freq) == (True, 20)
+    assert asfm.parse(["--dataset", "digits", "--no-same-t"]).same_t is False  # Algorithm 1's t2
+    cifar = asfm.parse(["--dataset", "cifar10", "--data-dir", "nowhere"])
+    assert cifar.mem_size * cifar.batch_size >= 60_000 and cifar.same_t is False
+    assert asfm.parse([]).same_t is False and asfm.parse(["--same-t"]).same_t is True
+
+
 def test_refresh_cadence_in_training(tmp_path, monkeypatch):
     calls = []
     real = asfm.TrainingMemory.refresh
