@@ -34,7 +34,7 @@ Their CIFAR-10 memory reads as 512 batches of 128 (their "512 x 128", like AFHQ'
 pairs, and as pairs are drawn uniformly from all of them, the readings differ only in how many
 pairs a refresh writes (one training batch here; 128 x 512 at --freq F = 512 x 128 at F / 4).
 Choices measured on digits (README.md, ASFM): the tiny preset shares t (--same-t) and refreshes
-every 20 steps, which halves the step's cost at the same digits-FD.
+every 20 steps: 1.5x a 1-RF step instead of 4x, at the same digits-FD.
 
 Commands:
     python asfm.py                                   # CPU toy (8gaussians): 1-RF, then ASFM
@@ -64,8 +64,8 @@ import common
 # our DDPM-style U-Net (38.3M), not RF's DDPM++ (62M). Memory sizes follow the authors' rule
 # (mem_size x batch >= the data set; CelebA: their storage-bound 64 batches). [reconstructed]
 # steps, freq, lambda_adv, r1, from the ablations in README.md: on digits (tiny) same_t and freq
-# 20 halve the step's cost at the same digits-FD and lambda_adv 1 ruins the digits; on the toy
-# lambda_adv 1 beats 0.1 on 3 of 3 seeds. The paper presets keep Algorithm 1 (separate t2).
+# 20 cut the step from 4x to 1.5x a 1-RF step at the same digits-FD, and lambda_adv 1 ruins the
+# digits; on the toy lambda_adv 1 beats 0.1 on 3 of 3 seeds. Paper presets keep Algorithm 1.
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
                 lambda_adv=1.0, same_t=False, reflow_pairs=20_000, ema_decay=0.995),

@@ -107,7 +107,7 @@ def train_method(method, setup, steps, cache):
         return flow_sample(net), net
     if method == "asfm":  # asfm.ASFM.train_step, as in asfm.py's loop
         rf, net = asfm.RectifiedFlow(), copy.deepcopy(teacher).train().requires_grad_(True)
-        method_ = asfm.ASFM(rf, lambda_fm=1.0, lambda_adv=0.1, r1=0.1)
+        method_ = asfm.ASFM(rf, lambda_fm=1.0, lambda_adv=asfm.PRESETS["toy"]["lambda_adv"], r1=0.1)
         D = asfm.make_discriminator((2,))
         opt_d = torch.optim.Adam(D.parameters(), lr=LR, betas=(0.0, 0.99))
         memory = asfm.TrainingMemory(20, BATCH, (2,), "cpu")
