@@ -363,13 +363,16 @@ def train(args, run, data, net):
     if local is not None:
         memory.load_state_dict(local)
     digits = None
-    if memory is not None and run.master:  # the drift monitor's reference values
-        n = min(512, args.mem_size * B)
-        real = (data.x if data.x is not None else next(iter(common.ResumableBatches(data, n, run)))[0])[:n]
-        ref = f"data mean {real.mean():.3f} std {real.std():.3f}"
-        if args.dataset == "digits":
-            digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
-            ref += f", {n} training digits' digits-FD {digits.report(real)['digits_fd']:.1f}"
+    if memory is not None and run.master:  # the drift monitor's reference values; building its
+        # classifier draws weights: a resumed run does it on a copy of the RNG, so that it draws
+        # what the uninterrupted run drew after the checkpoint (a fresh run on the live RNG)
+        with torch.random.fork_rng(devices=[]) if start else nullcontext():
+            n = min(512, args.mem_size * B)
+            real = (data.x if data.x is not None else next(iter(common.ResumableBatches(data, n, run)))[0])[:n]
+            ref = f"data mean {real.mean():.3f} std {real.std():.3f}"
+            if args.dataset == "digits":
+                digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
+                ref += f", {n} training digits' digits-FD {digits.report(real)['digits_fd']:.1f}"
         run.print(f"memory monitor (mem_* in the log: the newest {n} memory samples): {ref}")
     model = run.wrap(net)
     batches = lambda d, seed: iter(common.ResumableBatches(d, B, run, seed, start, args.workers))  # noqa: E731

@@ -1102,6 +1102,23 @@ def test_memory_monitor_shows_drift_without_the_adversarial_term(tmp_path, toy_r
     assert drifted < 0.7 and held > 0.85
 
 
+def test_asfm_digits_resume_continues_exactly(tmp_path, digits_fd):
+    """On digits the drift monitor builds a classifier, which draws weights, whenever a run
+    starts: a resumed run must still draw what the uninterrupted one drew (it did not)."""
+    (tmp_path / "fid_stats").mkdir()  # the runs' classifier cache: the one trained for these tests
+    shutil.copy(os.path.join(digits_fd.cache_dir, "digits_classifier-16.pt"), tmp_path / "fid_stats")
+    base = ["--dataset", "digits", "--stage", "asfm", "--init", "none", "--width", "32", "--batch-size",
+            "32", "--mem-size", "2", "--freq", "2", "--ckpt-every", "2", "--device", "cpu"]
+    asfm.main(base + ["--steps", "4", "--out-dir", str(tmp_path / "straight")])
+    asfm.main(base + ["--steps", "2", "--out-dir", str(tmp_path / "killed")])  # "killed" at step 2
+    asfm.main(base + ["--steps", "4", "--out-dir", str(tmp_path / "killed"), "--resume"])
+    a, b = (common.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("straight", "killed"))
+    for key in ["net", "D"]:
+        for k in a["state"][key]:
+            assert torch.equal(a["state"][key][k], b["state"][key][k]), (key, k)
+    assert "mem_fd" in (tmp_path / "killed" / "log.txt").read_text()
+
+
 def test_asfm_resume_continues_exactly(tmp_path):
     # --sample-every 3: the uninterrupted run samples at step 3, the resumed one does not; sampling
     # must not shift the training random draws
