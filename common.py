@@ -2071,8 +2071,8 @@ class Run:
         if not (self.due(step, self.args.log_every) or step == self.args.steps):
             return
         self.check_finite(step)
-        now = time.time()
-        rate = (step - self._mark[1]) / max(now - self._mark[0], 1e-9)
+        now, first = time.time(), self._mark[1] if step > self._mark[1] else 0  # 0: a phase's own count
+        rate = (step - first) / max(now - self._mark[0], 1e-9)
         self._mark = (now, step)
         eta = (self.args.steps - step) / rate if rate > 0 else 0
         parts = [f"step {step}/{self.args.steps}", f"loss {loss.item():.4f}"]

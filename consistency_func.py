@@ -36,11 +36,13 @@ CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are n
     in training on ANR's jittered "variational coordinates" (one grid per batch, shared by
     student and teacher), at sampling on the pixel-centre grid of any size (where the
     interpolant at the training grid is x itself). For one step c_skip(80) = 4e-5.
-  - Warm start (--pretrain-epochs, default 30 on real data, 5 on tiny) instead of pure
-    reconstruction (which, at 5 tiny epochs, stayed at the per-pixel-mean floor): EDM
-    denoising over iCT's lognormal sigmas (Pm, Ps), clamped to [5 smin, smax], weighted by
-    1/c_out^2; the log prints the denoise MSE at sigma 0.5 next to the per-pixel-mean floor.
-    Then consistency training starts (EMA reset to the warm-started weights).
+  - Pre-training before iCT (--pretrain, --pretrain-epochs: 5 epochs on tiny, 30 on real
+    data for --arch func as in the paper; 0 for unet/dit unless asked; EMA reset after it):
+    recon, the paper's (clean image -> function -> render, L2), fed as the input of the
+    lowest noise level, or denoise, EDM denoising over iCT's lognormal sigmas (not the
+    paper's). The log prints the denoise MSE at sigma 0.5 next to the per-pixel-mean floor.
+  - Backbone check, not CM-Func: --pretrain denoise --steps 0 trains a plain EDM denoiser,
+    sampled by Euler on its probability-flow ODE (--sampler edm --nfe 100).
   - Multi-step sampling sigmas: two steps (smax, --two-step-sigma 0.821) as in iCT; more
     steps the Karras grid with nfe + 1 points, without smin.
 Baselines one flag away: --arch unet (CM-UNet), --arch dit (CM-DiT). Parameter counts are
@@ -76,20 +78,25 @@ HUBER = 0.00054  # c = HUBER * sqrt(dim)
 
 # common.PRESETS plus the method's recipe (command-line flags win): iCT's CIFAR-10 recipe (RAdam 1e-4,
 # EMA 0.99993, dropout 0.3, 400k steps, batch 1024; the CM-Func paper: batch 32), the paper's CelebA-64
-# run (batch 32, 900k steps); FUNC_SIZE and pretrain_epochs / inr_* for --arch func (unet/dit: common's).
+# run (batch 32, 900k steps). iCT clips no gradients; the 2-D toy clips at norm 1 [reconstructed]: at lr
+# 1e-3 its unclipped runs were chaotic (moons one-step energy 0.02-0.06 clipped vs 0.11-0.79 unclipped over
+# three seeds; the README's 2-D section). FUNC: the generator's size and pre-training for --arch func (the paper's
+# 30 epochs on real data); unet/dit (the baselines) have no pre-training unless asked.
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99,
-                pretrain_epochs=0, inr_width=64, inr_depth=3),
-    "tiny": dict(common.PRESETS["tiny"], lr=1e-3, ema_decay=0.999, warmup=0, pretrain_epochs=5,
-                 inr_width=64, inr_depth=3),
-    "cifar10": dict(common.PRESETS["cifar10"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3,
-                    steps=400_000, batch_size=1024, pretrain_epochs=30, inr_width=128, inr_depth=4),
-    "celeba64": dict(common.PRESETS["celeba64"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0,
-                     steps=900_000, batch_size=32, pretrain_epochs=30, inr_width=128, inr_depth=4),
+                grad_clip=1.0, pretrain_epochs=0, inr_width=64, inr_depth=3),
+    "tiny": dict(common.PRESETS["tiny"], lr=1e-3, ema_decay=0.999, warmup=0, grad_clip=0.0, pretrain="denoise",
+                 pretrain_epochs=0, inr_width=64, inr_depth=3),
+    "cifar10": dict(common.PRESETS["cifar10"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3, grad_clip=0.0,
+                    steps=400_000, batch_size=1024, pretrain="denoise", pretrain_epochs=0,
+                    inr_width=128, inr_depth=4),
+    "celeba64": dict(common.PRESETS["celeba64"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0, grad_clip=0.0,
+                     steps=900_000, batch_size=32, pretrain="denoise", pretrain_epochs=0,
+                     inr_width=128, inr_depth=4),
 }
-FUNC_SIZE = {"tiny": dict(width=64, depth=4, heads=4, patch=2),
-             "cifar10": dict(width=384, depth=12, heads=6, patch=2),
-             "celeba64": dict(width=384, depth=12, heads=6, patch=4)}
+FUNC = {"tiny": dict(width=64, depth=4, heads=4, patch=2, pretrain_epochs=5),
+        "cifar10": dict(width=384, depth=12, heads=6, patch=2, pretrain_epochs=30),
+        "celeba64": dict(width=384, depth=12, heads=6, patch=4, pretrain_epochs=30)}
 
 
 #################################################################################
@@ -202,18 +209,43 @@ class ConsistencyTraining:
                 x = self.denoise(net, x, sigma, y)
         return x, {"nfe": len(taus), "renders": renders}
 
+    @torch.no_grad()
+    def sample_ode(self, net, z, nfe, y=None):
+        """--sampler edm: Euler on EDM's probability-flow ODE dx/dsigma = (x - f(x, sigma)) /
+        sigma, with f as the denoiser, over the Karras grid of nfe + 1 points from smax to smin:
+        x <- x + (s' - s)(x - f(x, s)) / s, nfe network calls (f(x, smin) = x ends it). For a
+        network trained as a denoiser (--pretrain denoise --steps 0: the backbone check); on a
+        consistency model it is not what iCT samples with."""
+        sigmas, x = karras_sigmas(nfe + 1).flip(0).tolist(), SIGMA_MAX * z
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d = self.denoise(net, x, torch.full((x.shape[0],), s, device=x.device), y)
+            x = x + (s_next - s) * (x - d) / s
+        return x, {"nfe": nfe}
 
-def warm_start_loss(net, x, method):
-    """Warm start [reconstructed]: EDM denoising over iCT's lognormal sigmas (Pm, Ps),
-    clamped to [5 smin, smax] where c_out > 0: ||F(c_in x_s) - (x - c_skip x_s)/c_out||^2 =
-    ||f(x_s, s) - x||^2 / c_out^2 (EDM's weighting), on the same jittered grid as iCT."""
+
+def pretrain_loss(net, x, method, kind):
+    """Pre-training before iCT (--pretrain, --pretrain-epochs), both on iCT's (jittered) grid:
+    recon    the CM-Func paper's [reconstructed]: clean image -> network -> its function
+             rendered -> L2 to the image. The clean image is the input of the lowest noise
+             level (c_in(smin) x, c_noise(smin)) and the raw network F is trained: f(x, smin)
+             = x whatever F is, so the level is free for it.
+    denoise  [reconstructed, not the paper's] EDM denoising over iCT's lognormal sigmas
+             (Pm, Ps), clamped to [5 smin, smax] where c_out > 0, weighted by 1/c_out^2:
+             ||F(c_in x_s) - (x - c_skip x_s)/c_out||^2 = ||f(x_s, s) - x||^2 / c_out^2.
+             Run alone (--steps 0) it trains a plain EDM denoiser: the backbone check,
+             sampled with --sampler edm."""
+    coords, bshape = method.train_coords(net, x), (-1, *[1] * (x.ndim - 1))
+    target = x if coords is None else common.sample_at(x, coords)
+    kw = {} if coords is None else {"coords": coords}
+    if kind == "recon":
+        sigma = torch.full((x.shape[0],), SIGMA_MIN, device=x.device)
+        c_in = method.scalings(sigma)[2].view(bshape)
+        return (net(c_in * x, 0.25 * sigma.log(), None, **kw).float() - target).pow(2).mean(), {}
     sigma = (P_MEAN + P_STD * torch.randn(x.shape[0], device=x.device)).exp()
     sigma = sigma.clamp(5 * SIGMA_MIN, SIGMA_MAX)
-    coords = method.train_coords(net, x)
-    target = x if coords is None else common.sample_at(x, coords)
     z = torch.randn_like(x)
-    out = method.denoise(net, x + sigma.view(-1, 1, 1, 1) * z, sigma, coords=coords)
-    c_out = method.scalings(sigma)[1].view(-1, 1, 1, 1)
+    out = method.denoise(net, x + sigma.view(bshape) * z, sigma, coords=coords)
+    c_out = method.scalings(sigma)[1].view(bshape)
     return ((out.float() - target) / c_out).pow(2).mean(), {}
 
 
@@ -249,14 +281,14 @@ def train(args, run, data, net, method):
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)  # iCT: RAdam
     batches = common.ResumableBatches(data, run.local_batch, run, args.seed, 0, args.workers)
     # global step = pre-training steps, then the K = --steps consistency steps
-    pretrain = round(args.pretrain_epochs * batches.per_epoch) if args.arch == "func" else 0
+    pretrain = round(args.pretrain_epochs * batches.per_epoch)
     start, _, _ = run.resume(pretrain + args.steps, net=net, ema=ema, opt=opt)
     batches.step = start  # the data stream goes on where the checkpoint stopped
     model = run.wrap(net)
     if pretrain:
         ref = torch.stack([data.dataset[i][0] for i in range(min(len(data), 1000))])
         floor = (ref - ref.mean(0)).pow(2).mean().item()  # MSE of the per-pixel data mean
-        run.print(f"denoising warm start: {pretrain} steps ({args.pretrain_epochs} epochs); "
+        run.print(f"{args.pretrain} pre-training: {pretrain} steps ({args.pretrain_epochs} epochs); "
                   f"per-pixel-mean floor {floor:.4f}")
     if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
         run.save(0, net=net, ema=ema, opt=opt)
@@ -269,7 +301,7 @@ def train(args, run, data, net, method):
             x = common.random_hflip(x)
         with run.autocast:
             if step < pretrain:
-                loss, logs = warm_start_loss(model, x, method)
+                loss, logs = pretrain_loss(model, x, method, args.pretrain)
             else:
                 loss, logs = method.loss(model, x, step - pretrain)
         common.optimize(opt, loss, net, args, step)
@@ -278,8 +310,8 @@ def train(args, run, data, net, method):
             run.log(step + 1 - pretrain, loss, **logs)
         elif run.due(step + 1, args.log_every) or step + 1 == pretrain:
             if not torch.isfinite(loss):
-                raise common.UserError(f"warm-start loss is {loss.item()} at pre-training "
-                                       f"step {step + 1}: lower --lr or use --amp fp32")
+                raise common.UserError(f"pre-training loss is {loss.item()} at step "
+                                       f"{step + 1}: lower --lr or use --amp fp32")
             run.print(f"pretrain step {step + 1}/{pretrain} | epoch {batches.epoch} | loss "
                       f"{loss.item():.4f} | denoise MSE at sigma 0.5 {denoise_mse(net, x, method):.4f} "
                       f"(per-pixel-mean floor {floor:.4f})")
@@ -293,9 +325,12 @@ def train(args, run, data, net, method):
 
 
 def sampler(args, run, data, net, method):
-    """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
+    """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network: iCT's sampler, or
+    with --sampler edm the probability-flow ODE of the network as a denoiser."""
+    fn = method.sample_ode if args.sampler == "edm" else method.sample
+
     def sample_fn(n, nfe):
-        x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe)
+        x, info = fn(net, torch.randn(n, *data.shape, device=run.device), nfe)
         return x, info["nfe"]
     return sample_fn
 
@@ -357,8 +392,9 @@ def bench_multires(args, run, data, net, method):
 # this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
 RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
-APPLIES = {**dict.fromkeys(["pretrain_epochs", "inr_width", "inr_depth", "jitter"],
+APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "jitter"],
                            (lambda a: a.arch == "func", "--arch func (the INR generator)")),
+           **dict.fromkeys(["pretrain", "pretrain_epochs"], (lambda a: a.is_image, "images")),
            "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench"),
                           "images in --mode sample or bench"),
            "ckpt": (lambda a: a.mode != "train", "sampling, evaluation and bench")}
@@ -367,8 +403,15 @@ APPLIES = {**dict.fromkeys(["pretrain_epochs", "inr_width", "inr_depth", "jitter
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("consistency_func.py (the common flags follow)")
+    group.add_argument("--pretrain", choices=["recon", "denoise"], default=None,
+                        help="pre-training before iCT: recon (the paper's: image -> its function; "
+                        "default for --arch func) or denoise (EDM denoising; not the paper's)")
     group.add_argument("--pretrain-epochs", type=float, default=None,
-                        help="denoising warm-start epochs before iCT (--arch func)")
+                        help="pre-training epochs (default 5 on tiny, 30 on CIFAR-10/CelebA for "
+                        "--arch func; 0 for unet/dit); with --steps 0 --pretrain denoise: a denoiser")
+    group.add_argument("--sampler", choices=["cm", "edm"], default="cm",
+                        help="cm: iCT's one/multistep sampler; edm: Euler on the probability-flow "
+                        "ODE of the network as a denoiser (for --pretrain denoise --steps 0)")
     group.add_argument("--two-step-sigma", type=float, default=0.821,
                         help="the second sigma of two-step sampling (iCT: 0.821)")
     group.add_argument("--sigma-data", type=float, default=None,
@@ -381,10 +424,10 @@ def main(argv=None):
     group.add_argument("--sample-res", default=None,
                         help="comma list of render sizes for --mode sample/bench (func: any)")
     common.add_common_args(parser)
-    parser.set_defaults(grad_clip=0.0, nfe="1,2")  # iCT clips no gradients
+    parser.set_defaults(grad_clip=None, nfe="1,2")  # from the preset: 0 on images (iCT), 1 on 2-D
     args = common.parse_args(parser, argv)
-    func = args.arch in (None, "func")  # the default for images, sized by FUNC_SIZE
-    presets = {k: dict(v, arch="func", **FUNC_SIZE[k]) if func and k in FUNC_SIZE else v
+    func = args.arch in (None, "func")  # the default for images, sized by FUNC
+    presets = {k: dict(v, arch="func", **FUNC[k]) if func and k in FUNC else v
                for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
                               archs=common.ARCHS, no_rk45="a consistency model has no ODE to solve; "
