@@ -78,21 +78,20 @@ HUBER = 0.00054  # c = HUBER * sqrt(dim)
 
 # common.PRESETS plus the method's recipe (command-line flags win): iCT's CIFAR-10 recipe (RAdam 1e-4,
 # EMA 0.99993, dropout 0.3, 400k steps, batch 1024; the CM-Func paper: batch 32), the paper's CelebA-64
-# run (batch 32, 900k steps). iCT clips no gradients; the 2-D toy clips at norm 1 [reconstructed]: at lr
-# 1e-3 its unclipped runs were chaotic (moons one-step energy 0.02-0.06 clipped vs 0.11-0.79 unclipped over
-# three seeds; the README's 2-D section). FUNC: the generator's size and pre-training for --arch func (the paper's
+# run (batch 32, 900k steps). iCT clips no gradients; the 2-D toy clips at norm 1 [reconstructed]: at
+# lr 1e-3 unclipped toy runs were chaotic (moons one-step energy 0.02-0.06 clipped vs 0.11-0.79
+# unclipped, three seeds). FUNC: the generator's size and pre-training for --arch func (the paper's
 # 30 epochs on real data); unet/dit (the baselines) have no pre-training unless asked.
+IMAGE_RECIPE = dict(warmup=0, grad_clip=0.0, pretrain="denoise", pretrain_epochs=0)
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99,
                 grad_clip=1.0, pretrain_epochs=0, inr_width=64, inr_depth=3),
-    "tiny": dict(common.PRESETS["tiny"], lr=1e-3, ema_decay=0.999, warmup=0, grad_clip=0.0, pretrain="denoise",
-                 pretrain_epochs=0, inr_width=64, inr_depth=3),
-    "cifar10": dict(common.PRESETS["cifar10"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.3, grad_clip=0.0,
-                    steps=400_000, batch_size=1024, pretrain="denoise", pretrain_epochs=0,
-                    inr_width=128, inr_depth=4),
-    "celeba64": dict(common.PRESETS["celeba64"], lr=1e-4, ema_decay=0.99993, warmup=0, dropout=0.0, grad_clip=0.0,
-                     steps=900_000, batch_size=32, pretrain="denoise", pretrain_epochs=0,
-                     inr_width=128, inr_depth=4),
+    "tiny": dict(common.PRESETS["tiny"], **IMAGE_RECIPE, lr=1e-3, ema_decay=0.999, inr_width=64,
+                 inr_depth=3),
+    "cifar10": dict(common.PRESETS["cifar10"], **IMAGE_RECIPE, lr=1e-4, ema_decay=0.99993, dropout=0.3,
+                    steps=400_000, batch_size=1024, inr_width=128, inr_depth=4),
+    "celeba64": dict(common.PRESETS["celeba64"], **IMAGE_RECIPE, lr=1e-4, ema_decay=0.99993,
+                     dropout=0.0, steps=900_000, batch_size=32, inr_width=128, inr_depth=4),
 }
 FUNC = {"tiny": dict(width=64, depth=4, heads=4, patch=2, pretrain_epochs=5),
         "cifar10": dict(width=384, depth=12, heads=6, patch=2, pretrain_epochs=30),
