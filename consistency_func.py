@@ -38,9 +38,10 @@ CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are n
     interpolant at the training grid is x itself). For one step c_skip(80) = 4e-5.
   - Pre-training before iCT (--pretrain, --pretrain-epochs: 5 epochs on tiny, 30 on real
     data for --arch func as in the paper; 0 for unet/dit unless asked; EMA reset after it):
-    recon, the paper's (clean image -> function -> render, L2), fed as the input of the
-    lowest noise level, or denoise, EDM denoising over iCT's lognormal sigmas (not the
-    paper's). The log prints the denoise MSE at sigma 0.5 next to the per-pixel-mean floor.
+    recon (default), the paper's: clean image -> function -> render, L2, the image fed as
+    the input of the lowest noise level; or denoise: EDM denoising over iCT's lognormal
+    sigmas (not the paper's). The log prints the loss and the denoise MSE at sigma 0.5 next
+    to the per-pixel-mean floor. On digits neither changes CM-Func's one step (README).
   - Backbone check, not CM-Func: --pretrain denoise --steps 0 trains a plain EDM denoiser,
     sampled by Euler on its probability-flow ODE (--sampler edm --nfe 100).
   - Multi-step sampling sigmas: two steps (smax, --two-step-sigma 0.821) as in iCT; more
@@ -82,7 +83,7 @@ HUBER = 0.00054  # c = HUBER * sqrt(dim)
 # lr 1e-3 unclipped toy runs were chaotic (moons one-step energy 0.02-0.06 clipped vs 0.11-0.79
 # unclipped, three seeds). FUNC: the generator's size and pre-training for --arch func (the paper's
 # 30 epochs on real data); unet/dit (the baselines) have no pre-training unless asked.
-IMAGE_RECIPE = dict(warmup=0, grad_clip=0.0, pretrain="denoise", pretrain_epochs=0)
+IMAGE_RECIPE = dict(warmup=0, grad_clip=0.0, pretrain="recon", pretrain_epochs=0)
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=3000, width=128, batch_size=256, lr=1e-3, ema_decay=0.99,
                 grad_clip=1.0, pretrain_epochs=0, inr_width=64, inr_depth=3),

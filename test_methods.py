@@ -1990,19 +1990,20 @@ def _noise_kept(net, x, sigma=0.1, draws=8):
 
 
 def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
-    """Issue 12 items 3-4: the denoising warm start beats the per-pixel-mean floor, and the
-    trained generator keeps clearly less than c_skip(0.1) = 0.963 of the input noise at
-    sigma 0.1 (measured 0.88 after 80 steps; the Fourier-features-only generator kept
-    0.961). Denoise MSE at sigma 0.5 measured 0.044 vs the per-pixel-mean floor 0.084."""
+    """Issue 12 items 3-4: the denoising warm start (--pretrain denoise) beats the
+    per-pixel-mean floor, and the trained generator keeps clearly less than c_skip(0.1) =
+    0.963 of the input noise at sigma 0.1 (measured 0.88 after 80 steps; the
+    Fourier-features-only generator kept 0.961). Denoise MSE at sigma 0.5 measured 0.044 vs the per-pixel-mean floor 0.084."""
     folder = _image_folder(tmp_path / "imgs")
     x, m = _folder_images(folder), consistency_func.ConsistencyTraining(1)
     floor = (x - x.mean(0)).pow(2).mean().item()
     consistency_func.main(_args(folder, tmp_path / "init", "--steps", "0", "--pretrain-epochs", "0"))
     init = _trained_func(common.load_checkpoint(str(tmp_path / "init/ckpt.pt"))["state"]["net"])
     # A: 80 warm-start steps (8 images, batch 8 -> 1 step per epoch), then 3 iCT steps
-    consistency_func.main(_args(folder, tmp_path / "a", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3"))
+    warm = ["--pretrain", "denoise", "--pretrain-epochs", "80", "--lr", "5e-3"]
+    consistency_func.main(_args(folder, tmp_path / "a", "--steps", "3", *warm))
     # B: the same run stopped at the phase boundary, then resumed
-    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "0", "--pretrain-epochs", "80", "--lr", "5e-3"))
+    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "0", *warm))
     pre = common.load_checkpoint(str(tmp_path / "b/ckpt.pt"))
     net = _trained_func(pre["state"]["net"])
     before, after = consistency_func.denoise_mse(init, x, m), consistency_func.denoise_mse(net, x, m)
@@ -2011,7 +2012,7 @@ def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
     kept_init, kept = _noise_kept(init, x), _noise_kept(net, x)
     assert abs(kept_init - c_skip) < 0.02, (kept_init, c_skip)  # untrained: F ignores the noise
     assert kept < c_skip - 0.05, (kept, c_skip)  # 0.88 measured (0.83 with the draw order before issue 21)
-    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "3", "--pretrain-epochs", "80", "--lr", "5e-3", "--resume"))
+    consistency_func.main(_args(folder, tmp_path / "b", "--steps", "3", *warm, "--resume"))
     a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
     assert a["step"] == b["step"] == 83
     for key in ("net", "ema"):
