@@ -2394,6 +2394,15 @@ def test_cm_eval_prints_noise_correlation(tmp_path, digits_fd, capsys):
     assert len(line) == 1 and -1 <= float(line[0].split()[-1]) <= 1, line
 
 
+def test_noise_correlation_tells_pass_through_from_a_global_generator():
+    """The eval's "one-step samples vs their own noise" number: a network that passes its input
+    through (F(u) = u) scores ~1, one that draws a fixed image whatever the noise scores ~0."""
+    m, image = consistency_func.ConsistencyTraining(1), torch.randn(1, 1, 8, 8)
+    identity, constant = (lambda u, t, y=None: u), (lambda u, t, y=None: image.expand_as(u))
+    assert consistency_func.noise_correlation(identity, m, (1, 8, 8), n=64) > 0.99
+    assert abs(consistency_func.noise_correlation(constant, m, (1, 8, 8), n=64)) < 0.05
+
+
 def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
     """A class-conditional ScoreFlow on digits: eval prints digits-FD with its floor for the EMA
     and the online weights (different numbers), and translation 3 -> 8 reports how many
