@@ -61,6 +61,8 @@ Commands:
   python consistency_func.py --dataset cifar10 --batch-size 32    # CIFAR-10 (iCT recipe is batch 1024)
   torchrun --standalone --nproc_per_node 8 consistency_func.py --dataset cifar10
   python consistency_func.py --dataset celeba --arch unet         # the CM-UNet baseline
+  python consistency_func.py --dataset digits --arch dit --pretrain denoise --pretrain-epochs 64 --steps 0
+  python consistency_func.py --mode eval --ckpt RUN/ckpt.pt --sampler edm --nfe 100   # backbone check
 """
 import argparse
 import math
