@@ -336,7 +336,7 @@ def train(args, run, data, net):
     from the EMA weights of the 1-RF checkpoint --init (main resolves auto), or random (none)."""
     if args.stage != "rf":
         if args.init != "none":
-            common.load_weights(net, args.init, device=run.device)
+            common.load_weights(net, args.init)
         run.print(f"initialized from the EMA weights of {args.init}" if args.init != "none" else
                   "--init none: starting from random weights (ablation)")
     ema = common.EMA(net, args.ema_decay)
@@ -568,7 +568,7 @@ def main(argv=None):
     if args.mode == "train" and args.stage != "rf" and args.init == "auto":
         rf_dir = os.path.join(os.path.dirname(args.out_dir), f"asfm-rf-{args.dataset}-{args.preset}")
         args.init = os.path.join(rf_dir, "ckpt.pt")
-        if not os.path.isfile(args.init) or common.load_checkpoint(args.init)["step"] < args.rf_steps:
+        if not os.path.isfile(args.init) or common.read_checkpoint(args.init)["step"] < args.rf_steps:
             rf = argparse.Namespace(**{**vars(args), "stage": "rf"})  # without the flags a 1-RF does not take
             rf_argv = common.drop_flags(argv, [k for k, (ok, _) in APPLIES.items() if not ok(rf)] + ["overwrite"])
             rf_argv += ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
@@ -589,7 +589,7 @@ def launch(args, run):
     elif args.mode == "bench":
         bench(args, run, data, net)
     else:
-        common.load_weights(net, args.ckpt, args.weights, run.device)
+        common.load_weights(net, args.ckpt, args.weights)
         net.eval()
         if args.mode == "sample":
             common.write_samples(args, data, sampler(args, run, data, net), run)

@@ -38,13 +38,13 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+import functools
 from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 
 class UserError(ValueError):
@@ -181,12 +181,12 @@ def parse_args(parser, argv=None, may_differ=None):
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     unset = object()  # parse again into a namespace that already has every dest: argparse then
-    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
     args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
     ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
     if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
         return args
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)  # once per command: check_method and load_weights reuse it
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
     differ = [k for k in sorted(args.given) if k in config and k in checked
@@ -195,11 +195,12 @@ def parse_args(parser, argv=None, may_differ=None):
         raise UserError(f"{flag_text(vars(args), differ)}: {ckpt_path} was written with "
                         f"{flag_text(config, differ)}: pass the same flags, or leave them out "
                         "(they are read from the checkpoint)")
-    for key, value in config.items():
-        if key in vars(args) and key not in args.given and key not in RUN_FLAGS:
-            setattr(args, key, value)
+    parser.set_defaults(**{k: v for k, v in config.items() if k in vars(args) and k not in RUN_FLAGS})
     if "out_dir" not in args.given:
-        args.out_dir = os.path.dirname(os.path.abspath(ckpt_path))
+        parser.set_defaults(out_dir=os.path.dirname(os.path.abspath(ckpt_path)))
+    given = args.given
+    args = parser.parse_args(argv)  # the command line, then the checkpoint's config, then defaults
+    args.given = given
     return args
 
 
@@ -300,7 +301,7 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
     unknown = [k for k in flag_names(getattr(args, "allow_changed", "")) if k not in vars(args)]
     if unknown:
         raise UserError(f"--allow-changed: {', '.join(unknown)} is not a flag of this script")
-    args.nfe_list = parse_nfe(args.nfe or default_nfe)
+    args.nfe_list = parse_nfe(default_nfe if args.nfe is None else args.nfe)  # "" is an error
     if no_rk45 and "rk45" in args.nfe_list:
         raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
     check_numbers(args, {**FLAG_RANGES, **(ranges or {})})
@@ -1190,7 +1191,6 @@ def _points_npy(path):
 
 def load_data(args, name=None, data_dir=None, train=True):
     """The training set named by --dataset (or `name`), as a Data."""
-    import torchvision
     name, root = name or args.dataset, data_dir or args.data_dir
     if name in TOY_DATASETS[:-1]:
         x, y = toy_sample(name, 20_000, torch.Generator().manual_seed(0))  # fixed training set
@@ -1206,6 +1206,7 @@ def load_data(args, name=None, data_dir=None, train=True):
         x, y = _digits(size, train)
         return Data(name, tuple(x.shape[1:]), 10, dataset=IndexedDataset(LabelledTensors(x, y)),
                     x=x, y=y)
+    import torchvision  # image files only (2-D runs and digits never import it)
     if name == "cifar10":
         tf = _image_transform(size)
         try:
@@ -1355,35 +1356,41 @@ _tf_avg_pool = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_i
 _tf_max_pool = partial(F.max_pool2d, kernel_size=3, stride=1, padding=1)
 
 
-class FIDInceptionA(torchvision.models.inception.InceptionA):
-    pool = staticmethod(_tf_avg_pool)
+@functools.cache
+def fid_inception_blocks():
+    """(InceptionA, InceptionC, InceptionE) with TF's pooling. Built on first use, so that only
+    FID imports torchvision's models (a 2-D run never imports torchvision at all)."""
+    from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(self.pool(x))], 1)
+    class FIDInceptionA(InceptionA):
+        pool = staticmethod(_tf_avg_pool)
 
+        def forward(self, x):
+            b5 = self.branch5x5_2(self.branch5x5_1(x))
+            b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(self.pool(x))], 1)
 
-class FIDInceptionC(torchvision.models.inception.InceptionC):
-    pool = staticmethod(_tf_avg_pool)
+    class FIDInceptionC(InceptionC):
+        pool = staticmethod(_tf_avg_pool)
 
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for i in range(1, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(self.pool(x))], 1)
+        def forward(self, x):
+            b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+            bd = x
+            for i in range(1, 6):
+                bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+            return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(self.pool(x))], 1)
 
+    class FIDInceptionE(InceptionE):
+        pool = staticmethod(_tf_avg_pool)
 
-class FIDInceptionE(torchvision.models.inception.InceptionE):
-    pool = staticmethod(_tf_avg_pool)
+        def forward(self, x):
+            b3 = self.branch3x3_1(x)
+            b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+            bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+            bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+            return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
 
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
+    return FIDInceptionA, FIDInceptionC, FIDInceptionE
 
 
 class FIDInception(nn.Module):
@@ -1395,8 +1402,9 @@ class FIDInception(nn.Module):
 
     def __init__(self):
         super().__init__()
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False,
-                                              num_classes=1008)
+        from torchvision.models import inception_v3
+        FIDInceptionA, FIDInceptionC, FIDInceptionE = fid_inception_blocks()
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
         net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
         net.Mixed_5d = FIDInceptionA(288, 64)
         net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
@@ -1769,6 +1777,20 @@ def save_atomic(obj, path):
         raise
 
 
+_READ = {}  # the checkpoint this command reads: (real path, mtime, size) -> its dict
+
+
+def read_checkpoint(path):
+    """load_checkpoint(path, mmap=True) once per command: sample/eval parse the flags, check the
+    method and load the weights from one read (a file rewritten since is read again)."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    key = (os.path.realpath(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _READ:
+        _READ.clear()
+        _READ[key] = load_checkpoint(path, mmap=True)
+    return _READ[key]
+
+
 def load_checkpoint(path, device="cpu", mmap=False):
     """torch.load(weights_only=True) with one-line errors; mmap=True maps the tensors from the
     file instead of reading them (cheap to look at, e.g. a big checkpoint's config and step)."""
@@ -1802,11 +1824,11 @@ def load_state(obj, state, name, path, config=None):
                         f"written with {flags or 'other settings'}: pass the same flags") from None
 
 
-def load_weights(net, path, key="ema", device="cpu"):
+def load_weights(net, path, key="ema"):
     """Load the EMA (default) or online (key 'online' or 'net') weights of a checkpoint into
     net; returns the checkpoint."""
     key = "net" if key == "online" else key
-    ckpt = load_checkpoint(path, device)
+    ckpt = read_checkpoint(path)  # load_state_dict copies the weights onto the net's device
     if key not in ckpt.get("state", {}):
         raise UserError(f"checkpoint '{path}' has no '{key}' weights")
     load_state(net, ckpt["state"][key], "network", path, ckpt.get("config"))
@@ -2046,7 +2068,7 @@ class Run:
     def check_method(self, path):
         """sample/eval refuse a checkpoint that another script wrote."""
         if os.path.isfile(path):
-            written_by = (load_checkpoint(path).get("config") or {}).get("method")
+            written_by = (read_checkpoint(path).get("config") or {}).get("method")
             if written_by and written_by.split("-")[0] != self.args.method.split("-")[0]:
                 raise UserError(f"{path} was written by {written_by}, not {self.args.method}: "
                                 "use the script that wrote it, or another --ckpt")

@@ -459,7 +459,7 @@ def main(argv=None):
         args.sigma_data = 0.5 if data.is_image else data.x.std().item()
     method = ConsistencyTraining(args.steps, args.sigma_data, args.two_step_sigma)
     if args.mode != "train" and (args.mode != "bench" or os.path.isfile(args.ckpt)):
-        common.load_weights(net, args.ckpt, args.weights, run.device)  # EMA by default
+        common.load_weights(net, args.ckpt, args.weights)  # EMA by default
     fn = sampler(args, run, data, net.train(args.mode == "train"), method)  # eval mode unless training
     if args.mode == "train":
         train(args, run, data, net, method)

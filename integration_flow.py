@@ -483,7 +483,7 @@ def main(argv=None):
     elif args.mode == "bench":
         bench(args, run, data, net, method)
     else:
-        common.load_weights(net, args.ckpt, args.weights, run.device)
+        common.load_weights(net, args.ckpt, args.weights)
         net.eval()
         fn = sampler(args, run, data, net, method)
         if args.mode == "sample":

@@ -275,7 +275,7 @@ def sampler(args, run, data, net, method, source=None):
 
 @torch.no_grad()
 def reversibility(args, run, data, source, net, method):
-    """data -> latent -> data with Euler N (each --nfe) and RK45: reconstruction RMSE; and
+    """data -> latent -> data with each --nfe (Euler N, or RK45 where named): reconstruction RMSE; and
     the straightness S of the simulated flow (RF paper, Eq. 3; Euler 100)."""
     x, y = draw(data, args.n if data.is_image else min(args.fid_n, 2000), seed=args.seed + 7)
     x, y = x.to(run.device), (y.to(run.device) if method.num_classes else None)
@@ -293,7 +293,8 @@ def reversibility(args, run, data, source, net, method):
 
 
 def likelihood(args, run, data, net, method):
-    """--bpd: exact likelihood (2-D: NLL nats; images: bits/dim) with RK45 or Euler --nfe[-1]."""
+    """--bpd: exact likelihood (2-D: NLL nats; images: bits/dim) with the last --nfe: RK45 where
+    the list ends in rk45 (the exact ODE; e.g. --nfe 1,4,rk45), else Euler with that many steps."""
     if args.source:
         raise common.UserError("--bpd needs a noise -> data model (this one starts from --source)")
     test = common.load_data(args, train=False) if data.is_image else data
@@ -316,7 +317,7 @@ def likelihood(args, run, data, net, method):
 
 def load_model(args, run, path, shape):
     """The EMA (or --weights online) network of a checkpoint, built with its classes."""
-    ckpt = common.load_checkpoint(path, run.device)
+    ckpt = common.read_checkpoint(path)  # load_state copies the weights onto run.device
     classes = int(ckpt.get("config", {}).get("cond_classes", 0))
     net = common.build_net(args, shape, num_classes=classes).to(run.device)
     key = "net" if args.weights == "online" else "ema"
@@ -451,11 +452,12 @@ def parse(argv):
     a("--ckpt-b", default=None, help="model B checkpoint for two-model translation (--ckpt = A)")
     a("--translate", default="two-pass", choices=("two-pass", "difference"),
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
-    a("--bpd", action="store_true", help="--mode eval: also the exact likelihood")
+    a("--bpd", action="store_true", help="--mode eval: also the likelihood, solved with the last --nfe "
+      "(end the list with rk45 for the exact ODE)")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
     common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
     args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source")})
-    args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8,rk45",
+    args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8",
                               ranges=RANGES, applies=APPLIES)
     common.check_steps(args)
     args.source_dir = args.source_dir or args.data_dir

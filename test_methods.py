@@ -41,6 +41,7 @@ import toy2d
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULES = {"asfm": asfm, "integration_flow": integration_flow, "consistency_func": consistency_func,
            "scoreflow": scoreflow, "toy2d": toy2d}
+SCRIPTS = ("asfm", "integration_flow", "consistency_func", "scoreflow")  # the four method scripts
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -435,6 +436,24 @@ def test_checkpoint_of_another_method_or_run_is_refused(tmp_path):
         common.load_checkpoint(str(tmp_path / "list.pt"))
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sampling_reads_the_checkpoint_once(script, tmp_path, monkeypatch):
+    # issue 22: flags, method check and weights come from one (memory-mapped) read; and the
+    # checkpoint's config fills the flags the command line leaves out
+    train = ["--stage", "rf"] if script == "asfm" else []
+    MODULES[script].main(train + ["--steps", "2", "--width", "16", "--batch-size", "16",
+                                  "--dataset", "moons", "--out-dir", str(tmp_path / "r")])
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
+    monkeypatch.setattr(common, "_READ", {})
+    ckpt = str(tmp_path / "r" / "ckpt.pt")
+    MODULES[script].main(["--mode", "sample", "--ckpt", ckpt, "--n", "4", "--nfe", "1",
+                          "--samples-out", str(tmp_path / "s")])
+    assert reads == [ckpt]
+    args = common.parse_args(common.add_common_args(argparse.ArgumentParser()), ["--mode", "eval", "--ckpt", ckpt])
+    assert (args.dataset, args.width, args.out_dir, args.given) == ("moons", 16, str(tmp_path / "r"), {"mode", "ckpt"})
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     args, run = tiny_run(tmp_path, "--log-every", "5")
     net = common.MLP(2, 16, 1)
@@ -509,7 +528,6 @@ def test_cli_prints_one_line_error(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: something is wrong: do this\n"
 
 
-SCRIPTS = ("asfm", "integration_flow", "consistency_func", "scoreflow")
 FLAG_CASES = [(["--n", "0"], "--n 0 is out of range: use a number >= 1"),
               (["--fid-n", "0"], "--fid-n 0 is out of range"),
               (["--lr", "nan"], "--lr nan is out of range"),
@@ -531,6 +549,7 @@ FLAG_CASES = [(["--n", "0"], "--n 0 is out of range: use a number >= 1"),
                "cannot read image .*truncated.*remove or replace the file"),
               (["--seed", "-1"], r"--seed -1 is out of range: use a number in \[0, 4294967295\]"),
               (["--nfe", "1,20000"], "--nfe 20000 is out of range: use at most 10000"),
+              (["--nfe", ""], "--nfe '': use positive integers separated by commas"),
               (["--hflip"], r"--hflip does not apply to this run: it is for images \(2-D points"),
               (["--mode", "sample", "--amp", "bf16"], r"--amp does not apply to this run: .*--eval-amp"),
               (["--ckpt", "{tmp}/list.pt"], r"--ckpt does not apply to this run: it is for sampling"),
@@ -771,15 +790,17 @@ def test_fid_inception_parameter_names(model):
                 "Mixed_7c.branch_pool.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.running_var"):
         assert key in sd
     assert sd["fc.weight"].shape == (1008, 2048) and sd["fc.bias"].shape == (1008,)
-    assert isinstance(model.Mixed_5b, common.FIDInceptionA) and isinstance(model.Mixed_6e, common.FIDInceptionC)
+    block_a, block_c, _ = common.fid_inception_blocks()
+    assert isinstance(model.Mixed_5b, block_a) and isinstance(model.Mixed_6e, block_c)
     assert model.Mixed_7b.pool is not model.Mixed_7c.pool  # avg in 7b, max in 7c
 
 
-@pytest.mark.parametrize("cls,parent,args,ch", [
-    (common.FIDInceptionA, torchvision.models.inception.InceptionA, (16, 8), 16),
-    (common.FIDInceptionC, torchvision.models.inception.InceptionC, (16, 8), 16),
-    (common.FIDInceptionE, torchvision.models.inception.InceptionE, (16,), 16)])
-def test_fid_blocks_branch_order(cls, parent, args, ch):
+@pytest.mark.parametrize("which,parent,args,ch", [
+    (0, torchvision.models.inception.InceptionA, (16, 8), 16),
+    (1, torchvision.models.inception.InceptionC, (16, 8), 16),
+    (2, torchvision.models.inception.InceptionE, (16,), 16)])
+def test_fid_blocks_branch_order(which, parent, args, ch):
+    cls = common.fid_inception_blocks()[which]
     # with torchvision's pooling put back, the compact forwards equal torchvision's (same
     # channel order, which the fc weights depend on); with TF pooling they differ at borders
     torch.manual_seed(0)
@@ -2354,6 +2375,51 @@ def test_scoreflow_under_torchrun_two_gloo_ranks(tmp_path):
 #                                    toy2d.py                                   #
 #################################################################################
 
+def test_toy2d_end_to_end_and_deterministic(tmp_path):
+    res = toy2d.main(["--steps", "20", "--out", str(tmp_path / "a")])
+    assert {m for _, m in res} == set(toy2d.METHODS)
+    assert len(res) == len(toy2d.METHODS) + len(toy2d.FLOWS)  # (b) runs the flows only
+    assert os.path.getsize(tmp_path / "a" / "toy2d.png") > 10_000
+    md = (tmp_path / "a" / "toy2d.md").read_text()
+    assert md.count("\n| ") == len(res) + 1 and "python toy2d.py --steps 20" in md
+    for (setup, method), r in res.items():
+        assert all(math.isfinite(r["row"][f"nfe{k}"]) for k in toy2d.NFES)
+        assert (r["row"]["S"] is None) == (method not in toy2d.FLOWS)
+    again = toy2d.main(["--steps", "20", "--methods", "rf,if,ct", "--setups", "a", "--out", str(tmp_path / "b")])
+    for key, r in again.items():
+        assert r["row"] == res[key]["row"]  # same seed, same numbers
+
+
+def test_toy2d_user_points_and_bad_method(tmp_path):
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32))
+    res = toy2d.main(["--steps", "10", "--methods", "rf", "--setups", "a", "--data", str(tmp_path / "pts.npy"),
+                      "--out", str(tmp_path / "o")])
+    assert list(res) == [("noise->pts.npy", "rf")]
+    with pytest.raises(common.UserError, match="unknown method 'dm'"):
+        toy2d.main(["--methods", "rf,dm"])
+
+
+def test_2d_runs_never_import_torchvision(tmp_path):
+    # torchvision is for images and FID only: every 2-D run (the four scripts, toy2d) starts
+    # without paying for its import (issue 22: 7.5 s vs 14.8 s to import on a loaded machine)
+    code = f"""
+import sys
+import asfm, consistency_func, integration_flow, scoreflow, toy2d
+asfm.main(['--stage', 'rf', '--steps', '3', '--batch-size', '16', '--out-dir', r'{tmp_path}/rf'])
+asfm.main(['--stage', 'asfm', '--init', r'{tmp_path}/rf/ckpt.pt', '--steps', '3', '--batch-size', '16',
+           '--out-dir', r'{tmp_path}/asfm'])
+for m in (consistency_func, integration_flow, scoreflow):
+    m.main(['--steps', '3', '--batch-size', '16', '--out-dir', r'{tmp_path}/' + m.__name__])
+toy2d.main(['--steps', '10', '--methods', 'rf', '--setups', 'a', '--out', r'{tmp_path}/toy'])
+print('torchvision' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+
 #################################################################################
 #         all four scripts: real digits, one step per method, CLI layout        #
 #################################################################################
@@ -2428,30 +2494,6 @@ def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
     assert os.path.isfile(os.path.join(out, "translate_class_two-pass.png"))
 
 
-
-
-def test_toy2d_end_to_end_and_deterministic(tmp_path):
-    res = toy2d.main(["--steps", "20", "--out", str(tmp_path / "a")])
-    assert {m for _, m in res} == set(toy2d.METHODS)
-    assert len(res) == len(toy2d.METHODS) + len(toy2d.FLOWS)  # (b) runs the flows only
-    assert os.path.getsize(tmp_path / "a" / "toy2d.png") > 10_000
-    md = (tmp_path / "a" / "toy2d.md").read_text()
-    assert md.count("\n| ") == len(res) + 1 and "python toy2d.py --steps 20" in md
-    for (setup, method), r in res.items():
-        assert all(math.isfinite(r["row"][f"nfe{k}"]) for k in toy2d.NFES)
-        assert (r["row"]["S"] is None) == (method not in toy2d.FLOWS)
-    again = toy2d.main(["--steps", "20", "--methods", "rf,if,ct", "--setups", "a", "--out", str(tmp_path / "b")])
-    for key, r in again.items():
-        assert r["row"] == res[key]["row"]  # same seed, same numbers
-
-
-def test_toy2d_user_points_and_bad_method(tmp_path):
-    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(600, 2)).astype(np.float32))
-    res = toy2d.main(["--steps", "10", "--methods", "rf", "--setups", "a", "--data", str(tmp_path / "pts.npy"),
-                      "--out", str(tmp_path / "o")])
-    assert list(res) == [("noise->pts.npy", "rf")]
-    with pytest.raises(common.UserError, match="unknown method 'dm'"):
-        toy2d.main(["--methods", "rf,dm"])
 
 
 # ---- one vocabulary, one step per method, run folders ----------------------------
