@@ -409,7 +409,8 @@ def train(args, run, data, net):
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, local=memory.state_dict() if memory is not None else None, **state)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, sampler(args, run, data, ema.model), run)
+            common.write_samples(args, data, common.sampler(RectifiedFlow.sample, ema.model, data, run),
+                                 run)
         if run.master and run.due(step + 1, args.eval_every):
             evaluate(args, run, data, ema.model)
     return ema
@@ -419,21 +420,12 @@ def train(args, run, data, net):
 #                       Sampling, evaluation, editing, bench                    #
 #################################################################################
 
-def sampler(args, run, data, net, method=RectifiedFlow):
-    """sample_fn(n, nfe) -> (x1, NFE used) from noise, for common.write_samples/evaluate."""
-    def sample_fn(n, nfe):
-        with run.sampling():  # --eval-amp: fp32 unless asked otherwise
-            x, info = method.sample(net, torch.randn(n, *data.shape, device=run.device), nfe)
-        return x.float(), info["nfe"]
-    return sample_fn
-
-
 def evaluate(args, run, data, net):
     """Per --nfe (rk45 only when named: it costs hundreds of NFE): FID/IS/precision/recall on
     images or 2-D distances; straightness S (RF Eq. 3, Euler 100); and one figure with the
     same noise sampled at every NFE."""
     nfes = args.nfe_list
-    results = common.evaluate(args, run, data, sampler(args, run, data, net), nfes)
+    results = common.evaluate(args, run, data, common.sampler(RectifiedFlow.sample, net, data, run), nfes)
     z = torch.randn(min(args.fid_n, 2000) if not data.is_image else 64, *data.shape, device=run.device)
     with run.sampling():
         S = common.straightness(lambda x, t: net(x, t).float(), z)
@@ -497,11 +489,10 @@ def bench(args, run, data, net):
         method.train_step(net, D, opt_d, memory, lambda: x1, update,
                           generate if steps[0] % args.freq == 0 else None, run.autocast, run.world)
 
-    iters = max(10, 2 * args.freq)
-    t_rf = common.benchmark(run, rf_step, sampler(args, run, data, net), [], run.local_batch, iters)["step_s"]
+    iters, fn = max(10, 2 * args.freq), common.sampler(RectifiedFlow.sample, net, data, run)
+    t_rf = common.benchmark(run, rf_step, fn, [], run.local_batch, iters)["step_s"]
     run.print("(above: 1-RF; below: ASFM)")
-    t_asfm = common.benchmark(run, asfm_step, sampler(args, run, data, net), args.nfe_list,
-                              run.local_batch, iters)["step_s"]
+    t_asfm = common.benchmark(run, asfm_step, fn, args.nfe_list, run.local_batch, iters)["step_s"]
     run.print(f"bench ASFM / 1-RF step time: {t_asfm / t_rf:.2f}x (memory refresh of Euler "
               f"{args.mem_nfe} amortized over --freq {args.freq}; same-t {args.same_t})")
 
@@ -592,7 +583,7 @@ def launch(args, run):
         common.load_weights(net, args.ckpt, args.weights)
         net.eval()
         if args.mode == "sample":
-            common.write_samples(args, data, sampler(args, run, data, net), run)
+            common.write_samples(args, data, common.sampler(RectifiedFlow.sample, net, data, run), run)
         elif args.mode == "eval":
             evaluate(args, run, data, net)
         else:

@@ -1978,12 +1978,13 @@ class Progress:
                        f"{duration((now - self.start) / done * (self.total - done))} left")
 
 
-class Run:
-    """Where and how this process runs: device, DDP rank (torchrun), precision, run folder,
-    logging, NaN guard, checkpoints. Mirrors nanoGPT's train.py set-up."""
+class RunDevice:
+    """Run, part 1: where this process computes (device, DDP rank, precision) and how the
+    network is wrapped for training. Mirrors nanoGPT's train.py set-up."""
 
-    def __init__(self, args):
-        self.args = args
+    def setup_device(self, args):
+        """Device, DDP rank and world (torchrun), per-rank batch, TF32, training and
+        evaluation precision."""
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         want_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if want_cuda and not torch.cuda.is_available():
@@ -2016,68 +2017,53 @@ class Run:
         self.eval_precision = ("bf16" + ("+tf32" if self.device.type == "cuda" else "")
                                if self.eval_bf16 else "fp32")  # printed with every number
         self.channels_last = bool(getattr(args, "channels_last", False) and args.is_image)
-        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
-        self.changes = ""  # the flags --allow-changed let --resume change, as text
-        self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
-        torch.manual_seed(args.seed)  # same initial weights on every rank
-        if args.mode not in ("train", "bench"):
-            self.check_method(args.ckpt)
-        self.check_sizes()
-        if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
-                and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
-            load_fid_inception("cpu", args.inception_weights)
-        if self.master:  # every folder this run writes to, checked before any work
-            writable_folder(args.out_dir, "--out-dir")
-            if args.mode == "train":
-                lock_folder(args.out_dir)
-            if args.mode == "sample" or (args.mode == "train" and (args.sample_every or 0) > 0):
-                writable_folder(args.samples_out, "--samples-out")
 
-    def check_run_folder(self, total_steps=None):
-        """Training never silently overwrites another run's ckpt.pt: --resume continues it,
-        --overwrite starts over. --resume needs a checkpoint of this method and stage, written
-        with the same flags (check_unchanged) and at most total_steps (--steps) steps in.
-        Returns the checkpoint to resume from, or None. Called by resume(), and early by
-        asfm.py, whose reflow pairs and --init auto 1-RF come before its training loop."""
-        args = self.args
-        if not os.path.isfile(self.ckpt_path):
-            return None
-        ckpt = load_checkpoint(self.ckpt_path, mmap=True)  # resume() copies what it needs
-        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        written_by = config.get("method", "an unknown method")
-        if not args.resume:
-            if getattr(args, "overwrite", False):
-                return None
-            raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
-                            f"{ckpt.get('step', '?')}): pass --resume to continue it, "
-                            "--overwrite to start over, or another --out-dir")
-        if written_by != args.method:
-            raise UserError(f"{self.ckpt_path} was written by {written_by}, not {args.method}: "
-                            "--resume needs a checkpoint of the same method (and stage); use "
-                            "another --out-dir")
-        self.changes = check_unchanged(args, config, self.ckpt_path)
-        total = args.steps if total_steps is None else total_steps
-        if ckpt["step"] > total:
-            extra = f" (--steps {args.steps} plus pre-training)" if total != args.steps else ""
-            raise UserError(f"{self.ckpt_path} is at step {ckpt['step']}, past the {total} steps "
-                            f"this run asks for{extra}: --resume cannot undo steps; pass a larger "
-                            "--steps to train longer, or --overwrite to start over")
-        return ckpt
+    def train_precision(self):
+        """A fresh training-precision context (bf16 autocast or none), for use inside helpers."""
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                if isinstance(self.autocast, torch.autocast) else nullcontext())
 
-    def check_method(self, path):
-        """sample/eval refuse a checkpoint that another script wrote."""
-        if os.path.isfile(path):
-            written_by = (read_checkpoint(path).get("config") or {}).get("method")
-            if written_by and written_by.split("-")[0] != self.args.method.split("-")[0]:
-                raise UserError(f"{path} was written by {written_by}, not {self.args.method}: "
-                                "use the script that wrote it, or another --ckpt")
+    @contextmanager
+    def sampling(self):
+        """Precision for evaluation, sample export and reflow pairs (--eval-amp): fp32 with TF32
+        off (default), or bf16 autocast with TF32. Inside a training autocast block it switches
+        that off; a fresh context each time, so it nests safely."""
+        keep = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.eval_bf16
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.eval_bf16):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = keep
 
-    @property
-    def ckpt_path(self):
-        return os.path.join(self.args.out_dir, "ckpt.pt")
+    def wrap(self, net):
+        """The module to train with: channels_last, DDP, torch.compile. Checkpoints are saved
+        from the unwrapped `net`, so keys have no 'module.' or '_orig_mod.' prefix."""
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        model = net
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
 
-    # ---- output ------------------------------------------------------------------
+    def close(self):
+        if self.master and self.args.mode == "train":
+            unlock_folder(self.args.out_dir)
+        if self.ddp and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class RunLog:
+    """Run, part 2: the console and <out-dir>/log.txt (rank 0), steps/s, and the NaN/inf guard
+    on the loss and on the weights before they are saved."""
+
+    @staticmethod
+    def due(step, every):
+        return bool(every) and every > 0 and step % every == 0
+
     def print(self, *msg):
         if self.master:
             line = " ".join(str(m) for m in msg)
@@ -2134,43 +2120,46 @@ class Run:
         self._bad = bad
         self.check_finite(step, "the weights (or the loss)")
 
-    def train_precision(self):
-        """A fresh training-precision context (bf16 autocast or none), for use inside helpers."""
-        return (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                if isinstance(self.autocast, torch.autocast) else nullcontext())
 
-    @contextmanager
-    def sampling(self):
-        """Precision for evaluation, sample export and reflow pairs (--eval-amp): fp32 with TF32
-        off (default), or bf16 autocast with TF32. Inside a training autocast block it switches
-        that off; a fresh context each time, so it nests safely."""
-        keep = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.eval_bf16
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.eval_bf16):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = keep
+class RunCheckpoints:
+    """Run, part 3: atomic checkpoints, exact resume (RNGs re-seeded from (seed, step, rank)),
+    and the run folder's rules (--resume continues, --overwrite starts over)."""
 
-    @staticmethod
-    def due(step, every):
-        return bool(every) and every > 0 and step % every == 0
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.out_dir, "ckpt.pt")
 
-    # ---- networks ------------------------------------------------------------------
-    def wrap(self, net):
-        """The module to train with: channels_last, DDP, torch.compile. Checkpoints are saved
-        from the unwrapped `net`, so keys have no 'module.' or '_orig_mod.' prefix."""
-        if self.channels_last:
-            net.to(memory_format=torch.channels_last)
-        model = net
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        if self.args.compile:
-            model = torch.compile(model)
-        return model
+    def check_run_folder(self, total_steps=None):
+        """Training never silently overwrites another run's ckpt.pt: --resume continues it,
+        --overwrite starts over. --resume needs a checkpoint of this method and stage, written
+        with the same flags (check_unchanged) and at most total_steps (--steps) steps in.
+        Returns the checkpoint to resume from, or None. Called by resume(), and early by
+        asfm.py, whose reflow pairs and --init auto 1-RF come before its training loop."""
+        args = self.args
+        if not os.path.isfile(self.ckpt_path):
+            return None
+        ckpt = load_checkpoint(self.ckpt_path, mmap=True)  # resume() copies what it needs
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        written_by = config.get("method", "an unknown method")
+        if not args.resume:
+            if getattr(args, "overwrite", False):
+                return None
+            raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
+                            f"{ckpt.get('step', '?')}): pass --resume to continue it, "
+                            "--overwrite to start over, or another --out-dir")
+        if written_by != args.method:
+            raise UserError(f"{self.ckpt_path} was written by {written_by}, not {args.method}: "
+                            "--resume needs a checkpoint of the same method (and stage); use "
+                            "another --out-dir")
+        self.changes = check_unchanged(args, config, self.ckpt_path)
+        total = args.steps if total_steps is None else total_steps
+        if ckpt["step"] > total:
+            extra = f" (--steps {args.steps} plus pre-training)" if total != args.steps else ""
+            raise UserError(f"{self.ckpt_path} is at step {ckpt['step']}, past the {total} steps "
+                            f"this run asks for{extra}: --resume cannot undo steps; pass a larger "
+                            "--steps to train longer, or --overwrite to start over")
+        return ckpt
 
-    # ---- checkpoints and exact resume ------------------------------------------------
     def reseed(self, step):
         """Seed every RNG from (seed, step, rank) at each checkpoint: a resumed run draws
         exactly the noise the uninterrupted run drew, with no RNG state to store."""
@@ -2227,33 +2216,65 @@ class Run:
                       "--steps to train longer" if done else ""))
         return ckpt["step"], ckpt, local
 
-    def close(self):
-        if self.master and self.args.mode == "train":
-            unlock_folder(self.args.out_dir)
-        if self.ddp and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
-    def check_sizes(self):
-        """One-line errors, before anything is allocated, for sizes that cannot fit in memory:
-        the network (weights; training adds gradients, EMA and Adam's two moments), one batch
-        at the network's first layer (a lower bound of its activations), and the samples that
-        sampling and evaluation collect on the CPU."""
-        args, shape = self.args, data_shape(self.args)
-        train = args.mode in ("train", "bench")
-        flag, n = ("--n", args.n) if args.mode == "sample" else ("--fid-n", args.fid_n)
-        n = n if args.mode in ("sample", "eval", "translate") or (train and args.eval_every) else 0
-        batch = self.local_batch if train or not n else min(args.batch_size, n)
-        per_sample = args.width  # floats out of the first layer: width (x H x W for a conv,
-        if len(shape) == 3:      # / patch^2 for a DiT's patch embedding)
-            per_sample *= shape[1] * shape[2] // (args.patch ** 2 if args.arch in ("dit", "func") else 1)
-        check_fits(4 * batch * per_sample, self.device, f"one batch of {batch} at the first layer",
-                   "lower --batch-size" + (" or --image-size" if len(shape) == 3 else ""))
-        params = estimate_params(args, shape)
-        check_fits(4 * params * (5 if train else 1), self.device,
-                   f"a network of {params:,} parameters" + (" (weights, gradients, EMA, Adam)" if train else ""),
-                   "lower --width or --depth")
-        check_fits(2 * 4 * n * math.prod(shape), torch.device("cpu"), f"{flag} {n} samples",
-                   f"lower {flag} (or sample in several runs with other --seed)")
+class Run(RunDevice, RunLog, RunCheckpoints):
+    """Where and how this process runs: device, DDP rank (torchrun), precision, run folder,
+    logging, NaN guard, checkpoints (the three parts above). Every check of the run's inputs
+    happens here, before any work."""
+
+    def __init__(self, args):
+        self.args = args
+        self.setup_device(args)
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
+        self.changes = ""  # the flags --allow-changed let --resume change, as text
+        self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        if args.mode not in ("train", "bench"):
+            check_written_by(args)
+        check_sizes(args, self.device, self.local_batch)
+        if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
+                and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
+            load_fid_inception("cpu", args.inception_weights)
+        if self.master:  # every folder this run writes to, checked before any work
+            writable_folder(args.out_dir, "--out-dir")
+            if args.mode == "train":
+                lock_folder(args.out_dir)
+            if args.mode == "sample" or (args.mode == "train" and (args.sample_every or 0) > 0):
+                writable_folder(args.samples_out, "--samples-out")
+
+
+def check_written_by(args):
+    """sample/eval refuse a checkpoint that another script wrote."""
+    path = args.ckpt
+    if os.path.isfile(path):
+        written_by = (read_checkpoint(path).get("config") or {}).get("method")
+        if written_by and written_by.split("-")[0] != args.method.split("-")[0]:
+            raise UserError(f"{path} was written by {written_by}, not {args.method}: "
+                            "use the script that wrote it, or another --ckpt")
+
+
+def check_sizes(args, device, local_batch):
+    """One-line errors, before anything is allocated, for sizes that cannot fit in memory:
+    the network (weights; training adds gradients, EMA and Adam's two moments), one batch
+    at the network's first layer (a lower bound of its activations), and the samples that
+    sampling and evaluation collect on the CPU."""
+    shape = data_shape(args)
+    train = args.mode in ("train", "bench")
+    flag, n = ("--n", args.n) if args.mode == "sample" else ("--fid-n", args.fid_n)
+    n = n if args.mode in ("sample", "eval", "translate") or (train and args.eval_every) else 0
+    batch = local_batch if train or not n else min(args.batch_size, n)
+    per_sample = args.width  # floats out of the first layer: width (x H x W for a conv,
+    if len(shape) == 3:      # / patch^2 for a DiT's patch embedding)
+        per_sample *= shape[1] * shape[2] // (args.patch ** 2 if args.arch in ("dit", "func") else 1)
+    check_fits(4 * batch * per_sample, device, f"one batch of {batch} at the first layer",
+               "lower --batch-size" + (" or --image-size" if len(shape) == 3 else ""))
+    params = estimate_params(args, shape)
+    check_fits(4 * params * (5 if train else 1), device,
+               f"a network of {params:,} parameters" + (" (weights, gradients, EMA, Adam)" if train else ""),
+               "lower --width or --depth")
+    check_fits(2 * 4 * n * math.prod(shape), torch.device("cpu"), f"{flag} {n} samples",
+               f"lower {flag} (or sample in several runs with other --seed)")
 
 
 def config_dict(args):
@@ -2335,6 +2356,19 @@ def own_rng(fn):
             with run.sampling():
                 return fn(args, *rest, **kw)
     return wrapped
+
+
+def sampler(sample, net, data, run, x0=None):
+    """The four methods sample alike: sample(net, x0, nfe) -> (x, info) with info["nfe"] the
+    network evaluations used. This gives the sample_fn(n, nfe) -> (x, NFE used) that
+    write_samples, evaluate and benchmark take: n starting points from x0(n) (default N(0, I)
+    of the data's shape), sampled in the evaluation precision (--eval-amp)."""
+    def sample_fn(n, nfe):
+        start = x0(n) if x0 else torch.randn(n, *data.shape, device=run.device)
+        with run.sampling():
+            x, info = sample(net, start, nfe)
+        return x.float(), info["nfe"]
+    return sample_fn
 
 
 def sample_in_batches(sample_fn, n, nfe, batch, print_fn=print):

@@ -295,6 +295,8 @@ def train(args, run, data, net, method):
     if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
         run.save(0, net=net, ema=ema, opt=opt)
     stream = iter(batches)
+    sample = method.sample_ode if args.sampler == "edm" else method.sample  # iCT's, or the denoiser's ODE
+    fn = common.sampler(sample, ema.model, data, run)  # for --sample-every / --eval-every
     for step in range(start, pretrain + args.steps):
         if step == pretrain and pretrain:
             ema.model.load_state_dict(net.state_dict())  # EMA starts at the pre-trained net
@@ -320,21 +322,10 @@ def train(args, run, data, net, method):
         if run.due(step + 1, args.ckpt_every) or step + 1 in (pretrain, pretrain + args.steps):
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.sample_every):
-            common.write_samples(args, data, sampler(args, run, data, ema.model, method), run)
+            common.write_samples(args, data, fn, run)
         if run.master and step >= pretrain and run.due(step + 1 - pretrain, args.eval_every):
-            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method))
+            common.evaluate(args, run, data, fn)
     return ema
-
-
-def sampler(args, run, data, net, method):
-    """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network: iCT's sampler, or
-    with --sampler edm the probability-flow ODE of the network as a denoiser."""
-    fn = method.sample_ode if args.sampler == "edm" else method.sample
-
-    def sample_fn(n, nfe):
-        x, info = fn(net, torch.randn(n, *data.shape, device=run.device), nfe)
-        return x, info["nfe"]
-    return sample_fn
 
 
 #################################################################################
@@ -460,7 +451,8 @@ def main(argv=None):
     method = ConsistencyTraining(args.steps, args.sigma_data, args.two_step_sigma)
     if args.mode != "train" and (args.mode != "bench" or os.path.isfile(args.ckpt)):
         common.load_weights(net, args.ckpt, args.weights)  # EMA by default
-    fn = sampler(args, run, data, net.train(args.mode == "train"), method)  # eval mode unless training
+    sample = method.sample_ode if args.sampler == "edm" else method.sample  # iCT's, or the denoiser's ODE
+    fn = common.sampler(sample, net.train(args.mode == "train"), data, run)  # eval mode unless training
     if args.mode == "train":
         train(args, run, data, net, method)
     elif args.mode == "sample":

@@ -102,9 +102,10 @@ class IntegrationFlow:
 
     def __init__(self, ode="rf", param="paper", distance="l2", huber_c=0.00054,
                  bank_update="output", vp_steps=1000, vp_schedule="linear", vp_betas=(1e-4, 0.02),
-                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5, anchor_input="concat"):
+                 sigma_min=0.01, sigma_max=50.0, sigma_data=0.5, anchor_input="concat",
+                 sampler="anchor", images=False):
         self.ode, self.param, self.distance, self.huber_c = ode, param, distance, huber_c
-        self.anchor_input = anchor_input
+        self.anchor_input, self.sampler, self.images = anchor_input, sampler, images
         self.bank_update, self.N = bank_update, vp_steps
         self.smin, self.smax, self.sigma_data = sigma_min, sigma_max, sigma_data
         if vp_schedule == "linear":  # DDPM betas, scaled so any N gives the same process
@@ -196,11 +197,13 @@ class IntegrationFlow:
 
     # ---- Algorithm 2: anchor iteration (and the labeled re-noising extension) ------------
     @torch.no_grad()
-    def sample(self, net, x0, nfe=1, anchor=None, sampler="anchor", images=False):
+    def sample(self, net, x0, nfe=1, anchor=None, sampler=None, images=None):
         """x_T = sigma_T x0; K = nfe anchor iterations a <- G(x_T, T, a). Returns (x1, info) with
         info['change'] = [mean ||a_new - a_old|| per iteration] (a float per iteration).
         images=True follows DDDM's image sampler: clamp to [-1, 1] after every iteration, and
-        VP starts at n = N (x_T = x0, t_net = 1; one past the last trained index, as released)."""
+        VP starts at n = N (x_T = x0, t_net = 1; one past the last trained index, as released).
+        sampler and images default to the method's (--sampler; the data)."""
+        sampler, images = sampler or self.sampler, self.images if images is None else images
         B, dev = x0.shape[0], x0.device
         time = self.level(1.0, B, dev)
         if self.ode == "vp" and images:
@@ -312,36 +315,24 @@ def train(args, run, data, net, method):
                              anchor_acc=acc)
             run.save(step + 1, net=net, ema=ema, opt=opt, **extra)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, sampler(args, run, data, ema.model, method), run)
+            common.write_samples(args, data, common.sampler(method.sample, ema.model, data, run), run)
         if run.master and run.due(step + 1, args.eval_every):
-            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method))
+            common.evaluate(args, run, data, common.sampler(method.sample, ema.model, data, run))
     if run.master and start < args.steps:
         report(args, run, data, ema.model, method, history)
     return ema
 
 
-def sampler(args, run, data, net, method, changes=None):
-    """sample_fn(n, nfe) -> (samples, nfe used) from the given (EMA) network."""
-    def sample_fn(n, nfe):
-        x0 = torch.randn(n, *data.shape, device=run.device)
-        x, info = method.sample(net, x0, nfe, sampler=args.sampler, images=data.is_image)
-        if changes is not None:
-            changes.append(info["change"])
-        return x, info["nfe"]
-    return sample_fn
-
-
 def report(args, run, data, net, method, history):
     """End of training: anchor change per sampling iteration, the convergence plot, and (2-D)
     distances to fresh data at each --nfe."""
-    changes = []
-    sampler(args, run, data, net, method, changes)(args.n_conv, args.conv_iters)
-    per_iter = changes[0]
+    z = torch.randn(args.n_conv, *data.shape, device=run.device)
+    per_iter = method.sample(net, z, args.conv_iters)[1]["change"]
     run.print("sampling: mean ||a_(k+1) - a_k|| per iteration: "
               + " ".join(f"{c:.3g}" for c in per_iter))
     plot_convergence(history, per_iter, os.path.join(args.out_dir, "anchor_convergence.png"))
     if not data.is_image:
-        common.evaluate(args, run, data, sampler(args, run, data, net, method), n=args.fid_n)
+        common.evaluate(args, run, data, common.sampler(method.sample, net, data, run), n=args.fid_n)
 
 
 def plot_convergence(per_epoch, per_iter, path):
@@ -384,7 +375,7 @@ def bench(args, run, data, net, method):
             loss = (rf_net(tb * x1 + (1 - tb) * x0, t) - (x1 - x0)).pow(2).mean()
         common.optimize(rf_opt, loss, rf_net, args, 10**9)
 
-    fn = sampler(args, run, data, net, method)
+    fn = common.sampler(method.sample, net, data, run)
     run.print("Integration Flow step:")
     ours = common.benchmark(run, if_step, fn, args.nfe_list, B)
     run.print("plain rectified-flow step, same backbone:")
@@ -409,7 +400,7 @@ def build_method(args):
         raise common.UserError("--sigma-min and --sigma-max need 0 < sigma-min < sigma-max")
     return IntegrationFlow(args.ode, args.param, args.distance, args.huber_c, args.bank_update,
                            args.vp_steps, args.vp_schedule, betas, args.sigma_min, args.sigma_max,
-                           args.sigma_data, args.anchor_input)
+                           args.sigma_data, args.anchor_input, args.sampler, args.is_image)
 
 
 # this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
@@ -485,7 +476,7 @@ def main(argv=None):
     else:
         common.load_weights(net, args.ckpt, args.weights)
         net.eval()
-        fn = sampler(args, run, data, net, method)
+        fn = common.sampler(method.sample, net, data, run)
         if args.mode == "sample":
             common.write_samples(args, data, fn, run)
         elif args.mode == "eval":

@@ -59,6 +59,8 @@ Translation reports, per NFE: distance to the target class/domain (FID for image
 energy distance in 2-D), L2 (and PSNR) to the source, A -> B -> A cycle RMSE; and a figure.
 """
 import argparse
+import functools
+import itertools
 import math
 import os
 
@@ -86,9 +88,9 @@ class ScoreFlow:
     """Loss (Eq. 18 + beta Eq. 19), guided field, ODE solves, translation and likelihood,
     generic over any net(x, t, y). num_classes > 0: class-conditional, index num_classes = null."""
 
-    def __init__(self, beta=1.0, pc_lambda="inv_t", p_uncond=0.1, num_classes=0, eps=EPS):
+    def __init__(self, beta=1.0, pc_lambda="inv_t", p_uncond=0.1, num_classes=0, eps=EPS, cfg=1.0):
         self.beta, self.lambda_t, self.p_uncond = beta, PC_LAMBDA[pc_lambda], p_uncond
-        self.num_classes, self.eps = num_classes, eps
+        self.num_classes, self.eps, self.cfg = num_classes, eps, cfg  # cfg: sample()'s guidance
 
     def loss(self, net, x1, x0=None, y=None, t=None):
         """L = L_van + beta L_pc (Eq. 18, 19). x0: source batch (noise if None); y: labels."""
@@ -134,9 +136,14 @@ class ScoreFlow:
         x, info = common.integrate(v, x, None if nfe == "rk45" else nfe, method, t0, t1)
         return x, info["nfe"]
 
-    def sample(self, net, x0, nfe, y=None, w=1.0):
-        """Source x0 (noise or domain A) -> target; returns (x1, {"nfe": network evaluations})."""
-        v = self.field(net, y, w)
+    def sample(self, net, x0, nfe, y=None, w=None):
+        """Source x0 (noise or domain A) -> target; returns (x1, {"nfe": network evaluations}).
+        A class-conditional model samples classes y (labels; an int: that class for all; None:
+        uniformly random classes) with CFG weight w (default: the method's cfg, --cfg)."""
+        if self.num_classes and (y is None or isinstance(y, int)):
+            y = (torch.randint(0, self.num_classes, (len(x0),), device=x0.device) if y is None
+                 else torch.full((len(x0),), y, device=x0.device))
+        v = self.field(net, y, self.cfg if w is None else w)
         x, n = self.solve(v, x0, nfe)
         return x, {"nfe": n * v.cost}
 
@@ -217,11 +224,13 @@ def train(args, run, data, source, net, method):
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, sampler(args, run, data, ema.model, method, source), run)
+            common.write_samples(args, data, common.sampler(method.sample, ema.model, data, run,
+                                                            starts(args, run, source)), run)
         if run.master and run.due(step + 1, args.eval_every):
-            common.evaluate(args, run, data, sampler(args, run, data, ema.model, method, source))
+            common.evaluate(args, run, data, common.sampler(method.sample, ema.model, data, run,
+                                                            starts(args, run, source)))
     if run.master and not data.is_image and args.steps > start:  # the toy's picture and numbers
-        fn = sampler(args, run, data, ema.model, method, source)
+        fn = common.sampler(method.sample, ema.model, data, run, starts(args, run, source))
         common.write_samples(args, data, fn, run)
         common.evaluate(args, run, data, fn)
     return ema
@@ -249,24 +258,12 @@ def draw(data, n, label=None, seed=0):
     return x[keep[:n]], y[keep[:n]]
 
 
-def sampler(args, run, data, net, method, source=None):
-    """sample_fn(n, nfe) -> (samples, network evaluations) from the given (EMA) network:
-    noise (or source-domain points) -> data, uniformly random classes, CFG weight --cfg."""
-    calls = [0]
-
-    def sample_fn(n, nfe, label=None):
-        calls[0] += 1
-        if source is None:
-            x0 = torch.randn(n, *data.shape, device=run.device)
-        else:
-            x0 = draw(source, n, seed=args.seed + 1000 + calls[0])[0].to(run.device)
-        y = None
-        if method.num_classes:
-            y = (torch.randint(0, method.num_classes, (n,), device=run.device) if label is None
-                 else torch.full((n,), label, device=run.device))
-        x, info = method.sample(net, x0, nfe, y, args.cfg)
-        return x, info["nfe"]
-    return sample_fn
+def starts(args, run, source):
+    """x0(n) for common.sampler: None (noise), or source-domain points, a new draw each call."""
+    if source is None:
+        return None
+    calls = itertools.count(1)
+    return lambda n: draw(source, n, seed=args.seed + 1000 + next(calls))[0].to(run.device)
 
 
 #################################################################################
@@ -334,10 +331,13 @@ def image_fid(args, run, fake, real):
 
 
 @torch.no_grad()
-def class_fidelity(args, run, data, sample_fn, method):
+def class_fidelity(args, run, data, net, method, x0=None):
     """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits, the
     fraction of samples of each class that the digit classifier reads as that class (CFG)."""
     n = max(100, args.fid_n // method.num_classes)
+
+    def sample_fn(n, nfe, c):  # n samples, all of class c
+        return common.sampler(functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
     if args.dataset == "digits":
         digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
         for nfe in args.nfe_list:
@@ -504,7 +504,7 @@ def main(argv=None):
             raise common.UserError(f"--{flag.replace('_', '-')} does not apply to this run: it is for "
                                    "class-conditional models (this one has no classes); leave it out")
     args.cond_classes = cond  # saved in the checkpoint's config: eval/translate rebuild from it
-    method = ScoreFlow(args.beta, args.pc_lambda, args.p_uncond, cond)
+    method = ScoreFlow(args.beta, args.pc_lambda, args.p_uncond, cond, cfg=args.cfg)
     result = None
     if args.mode == "train":
         result = train(args, run, data, source, net, method)
@@ -517,16 +517,18 @@ def main(argv=None):
             with run.autocast:
                 loss, _ = method.loss(model, x1, None, y)
             common.optimize(opt, loss, net, args, 0)
-        result = common.benchmark(run, step, sampler(args, run, data, common.EMA(net, 0.0).model, method, source),
-                                  args.nfe_list, args.batch_size)
+        fn = common.sampler(method.sample, common.EMA(net, 0.0).model, data, run,
+                            starts(args, run, source))
+        result = common.benchmark(run, step, fn, args.nfe_list, args.batch_size)
     else:
-        fn = sampler(args, run, data, net, method, source)
+        x0 = starts(args, run, source)
+        fn = common.sampler(method.sample, net, data, run, x0)
         if args.mode == "sample":
             common.write_samples(args, data, fn, run)
         else:
             result = common.evaluate(args, run, data, fn)
             if cond and (not data.is_image or args.dataset == "digits"):
-                class_fidelity(args, run, data, fn, method)
+                class_fidelity(args, run, data, net, method, x0)
             with run.sampling():
                 reversibility(args, run, data, source, net, method)
             if args.bpd:

@@ -45,6 +45,8 @@ SCRIPTS = ("asfm", "integration_flow", "consistency_func", "scoreflow")  # the f
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# ---- shared helpers: arguments, tiny data, DDP spawners --------------------------
+
 def make_args(argv=(), method="test"):
     argv = list(argv)
     if "--out-dir" not in argv:  # never write into the repo
@@ -59,6 +61,43 @@ def write_pngs(folder, n, size=20, seed=0):
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
             os.path.join(folder, f"{i:03d}.png"))
+
+
+def tiny_run(tmp_path, *extra):
+    args = make_args(["--dataset", "moons", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
+                      "--width", "16", "--depth", "1", *extra])
+    return args, common.Run(args)
+
+
+def points_file(tmp_path, n=256, seed=0):
+    """A small 2-D data set (8 gaussians) so that epochs are a few steps long."""
+    path = tmp_path / "pts.npy"
+    x, _ = common.toy_sample("8gaussians", n, torch.Generator().manual_seed(seed))
+    np.save(path, x.numpy())
+    return str(path), x
+
+
+# ---- DDP: two gloo processes on one CPU ----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two_ranks(fn, tmp_path, *args):
+    """Run fn(rank, 2, port, str(tmp_path), *args) in 2 processes (gloo on CPU)."""
+    mp.spawn(fn, args=(2, free_port(), str(tmp_path), *args), nprocs=2)
+
+
+def torchrun(script, args, tmp_path):
+    """Run `script` under torchrun with 2 gloo processes on CPU; returns the completed process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), script] + args
+    res = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
 
 
 #################################################################################
@@ -201,8 +240,6 @@ def test_toy_metrics_distinguish_distributions():
         assert x.shape == (100, 2) and y.shape == (100,) and x.abs().max() < 6
 
 
-
-
 # ---- data ----------------------------------------------------------------------
 
 def test_image_folder_flat_and_with_class_subfolders(tmp_path):
@@ -336,12 +373,6 @@ def test_resumable_batches_cover_epoch_and_restart_midway():
 
 
 # ---- checkpoints, faults, GPU path ---------------------------------------------
-
-def tiny_run(tmp_path, *extra):
-    args = make_args(["--dataset", "moons", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
-                      "--width", "16", "--depth", "1", *extra])
-    return args, common.Run(args)
-
 
 def test_checkpoint_round_trip_and_clean_keys(tmp_path):
     args, run = tiny_run(tmp_path, "--compile")
@@ -959,7 +990,6 @@ def test_digits_classifier_does_not_depend_on_the_thread_count():
 #################################################################################
 
 
-
 def test_rf_interpolant_target_and_one_step():
     rf = asfm.RectifiedFlow()
     x0, x1 = torch.zeros(2, 3), torch.ones(2, 3) * torch.tensor([[1.0], [3.0]])
@@ -1194,20 +1224,8 @@ def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" not in out  # not named
     assert "precision=fp32" in out and "straightness S" in out
-    assert os.path.isfile(tmp_path / "r" / "same_noise_by_nfe.png")
-
-
-def torchrun(script, args, tmp_path):
-    """Run `script` under torchrun with 2 gloo processes on CPU; returns the completed process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(port), script] + args
-    res = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res
+    grid = Image.open(tmp_path / "r" / "same_noise_by_nfe.png")  # one row per NFE, 8 noises
+    assert grid.size == (8 * (16 + 2) + 2, 1 * (16 + 2) + 2)  # 16x16 images, 2-pixel padding
 
 
 def test_asfm_under_torchrun_two_gloo_ranks(tmp_path):
@@ -1233,13 +1251,6 @@ def _asfm_rank(rank, world, port, out, argv):
     asfm.main(argv)
     if built:
         torch.save(built[-1].state_dict(), os.path.join(out, f"D{rank}.pt"))
-
-
-def spawn_two_ranks(fn, tmp_path, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(2, port, str(tmp_path), *args), nprocs=2)
 
 
 def test_init_auto_hand_over_under_two_gloo_ranks(tmp_path):
@@ -1318,15 +1329,6 @@ def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
 #################################################################################
 #                              integration_flow.py                              #
 #################################################################################
-
-
-
-def points_file(tmp_path, n=256, seed=0):
-    """A small 2-D data set (8 gaussians) so that epochs are a few steps long."""
-    path = tmp_path / "pts.npy"
-    x, _ = common.toy_sample("8gaussians", n, torch.Generator().manual_seed(seed))
-    np.save(path, x.numpy())
-    return str(path), x
 
 
 def small(tmp_path, name, *extra):
@@ -1511,12 +1513,6 @@ def _if_bank_worker(rank, world, port, out):
     torch.distributed.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bank_identical_on_two_gloo_ranks(tmp_path):
     mp.spawn(_if_bank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -1697,9 +1693,13 @@ def test_xattn_needs_unet(tmp_path):
                  "--anchor-input", "xattn", "--out-dir", str(tmp_path / "dit")])
 
 
-def test_bench_prints_ratio(tmp_path, capsys):
+def test_bench_ratio_is_the_ratio_of_the_two_timed_steps(tmp_path, capsys):
     integration_flow.main(small(tmp_path, "bench", "--mode", "bench", "--nfe", "1"))
-    assert "bench ratio: Integration Flow step / RF step" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    ms = [float(m) for m in re.findall(r"bench train: [\d.]+ steps/s \(([\d.]+) ms/step", out)]
+    ratio = float(re.search(r"bench ratio: Integration Flow step / RF step = ([\d.]+)x", out).group(1))
+    assert len(ms) == 2 and all(m > 0 for m in ms)  # Integration Flow first, then plain RF
+    assert ratio == pytest.approx(ms[0] / ms[1], rel=0.05, abs=0.01)  # printed to 0.1 ms and 0.01x
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -1735,7 +1735,6 @@ def test_anchor_input_mismatch_names_the_flag(tmp_path):
 #################################################################################
 #                              consistency_func.py                              #
 #################################################################################
-
 
 
 # ---- iCT formulas against hand-computed values ----------------------------------------
@@ -2133,7 +2132,6 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
 #################################################################################
 
 
-
 SF_TINY = ["--width", "64", "--depth", "2", "--batch-size", "256", "--lr", "3e-3", "--ema-decay", "0.9",
         "--fid-n", "300", "--n", "16", "--nfe", "1", "--log-every", "1000"]
 
@@ -2268,7 +2266,7 @@ def test_training_learns(cond_toy):
     untrained = common.build_net(args, data.shape, num_classes=8)
     ref = data.fresh(500)
     torch.manual_seed(0)
-    sw = [common.sliced_wasserstein(scoreflow.sampler(args, run, data, net, method)(500, 8)[0], ref)
+    sw = [common.sliced_wasserstein(common.sampler(method.sample, net, data, run)(500, 8)[0], ref)
           for net in (untrained, trained)]
     assert sw[1] < 0.5 * sw[0], sw
 
@@ -2419,11 +2417,9 @@ print('torchvision' in sys.modules)
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
-
 #################################################################################
 #         all four scripts: real digits, one step per method, CLI layout        #
 #################################################################################
-
 
 
 @pytest.mark.parametrize("script,arch", [("asfm", "unet"), ("asfm", "dit"),
@@ -2492,8 +2488,6 @@ def test_digits_eval_weights_and_class_translation(tmp_path, digits_fd, capsys):
                         "8", "--nfe", "2", "--fid-n", "20"])
     assert 0 <= m["read_as_target"] <= 1 and m["digits_fd_to_target"] > 0
     assert os.path.isfile(os.path.join(out, "translate_class_two-pass.png"))
-
-
 
 
 # ---- one vocabulary, one step per method, run folders ----------------------------
