@@ -2242,6 +2242,10 @@ class Run(RunDevice, RunLog, RunCheckpoints):
                 lock_folder(args.out_dir)
             if args.mode == "sample" or (args.mode == "train" and (args.sample_every or 0) > 0):
                 writable_folder(args.samples_out, "--samples-out")
+        config = config_dict(args)  # the run's first line: every value in force, presets resolved
+        self.print(f"{args.method} --mode {args.mode}: " + " ".join(
+            f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(config.items())
+            if k not in RUN_FLAGS | {"method", "nfe_list", "is_image", "allow_changed"} and v is not None))
 
 
 def check_written_by(args):

@@ -211,6 +211,7 @@ def train(args, run, data, source, net, method):
     run.print(f"scoreflow: {common.count_params(net) / 1e6:.2f}M parameters, "
               f"{'source ' + source.name if source else 'noise'} -> {data.name}, "
               f"classes {method.num_classes}, beta {args.beta}, lambda {args.pc_lambda}")
+    sampler = lambda: common.sampler(method.sample, ema.model, data, run, starts(args, run, source))  # noqa: E731
     for step in range(start, args.steps):
         x1, y, _ = next(stream)
         x0 = next(src_stream)[0] if source else None
@@ -224,13 +225,11 @@ def train(args, run, data, source, net, method):
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, net=net, ema=ema, opt=opt)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, common.sampler(method.sample, ema.model, data, run,
-                                                            starts(args, run, source)), run)
+            common.write_samples(args, data, sampler(), run)
         if run.master and run.due(step + 1, args.eval_every):
-            common.evaluate(args, run, data, common.sampler(method.sample, ema.model, data, run,
-                                                            starts(args, run, source)))
+            common.evaluate(args, run, data, sampler())
     if run.master and not data.is_image and args.steps > start:  # the toy's picture and numbers
-        fn = common.sampler(method.sample, ema.model, data, run, starts(args, run, source))
+        fn = sampler()
         common.write_samples(args, data, fn, run)
         common.evaluate(args, run, data, fn)
     return ema
@@ -290,8 +289,7 @@ def reversibility(args, run, data, source, net, method):
 
 
 def likelihood(args, run, data, net, method):
-    """--bpd: exact likelihood (2-D: NLL nats; images: bits/dim) with the last --nfe: RK45 where
-    the list ends in rk45 (the exact ODE; e.g. --nfe 1,4,rk45), else Euler with that many steps."""
+    """--bpd: likelihood (2-D: NLL nats; images: bits/dim), solved with the last --nfe (rk45: exact)."""
     if args.source:
         raise common.UserError("--bpd needs a noise -> data model (this one starts from --source)")
     test = common.load_data(args, train=False) if data.is_image else data
@@ -335,9 +333,8 @@ def class_fidelity(args, run, data, net, method, x0=None):
     """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits, the
     fraction of samples of each class that the digit classifier reads as that class (CFG)."""
     n = max(100, args.fid_n // method.num_classes)
-
-    def sample_fn(n, nfe, c):  # n samples, all of class c
-        return common.sampler(functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
+    sample_fn = lambda n, nfe, c: common.sampler(  # noqa: E731 (n samples, all of class c)
+        functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
     if args.dataset == "digits":
         digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
         for nfe in args.nfe_list:
@@ -452,8 +449,7 @@ def parse(argv):
     a("--ckpt-b", default=None, help="model B checkpoint for two-model translation (--ckpt = A)")
     a("--translate", default="two-pass", choices=("two-pass", "difference"),
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
-    a("--bpd", action="store_true", help="--mode eval: also the likelihood, solved with the last --nfe "
-      "(end the list with rk45 for the exact ODE)")
+    a("--bpd", action="store_true", help="--mode eval: also the likelihood (solved with the last --nfe)")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
     common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
     args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source")})

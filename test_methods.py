@@ -467,6 +467,18 @@ def test_checkpoint_of_another_method_or_run_is_refused(tmp_path):
         common.load_checkpoint(str(tmp_path / "list.pt"))
 
 
+def test_first_line_lists_the_values_in_force(tmp_path, capsys):
+    # issue 22: the presets resolve most defaults, so --help cannot show them; the run's first
+    # line (and log.txt's) does, key=value
+    asfm.main(["--stage", "rf", "--dataset", "moons", "--steps", "1", "--out-dir", str(tmp_path / "r")])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("asfm-rf --mode train: ")
+    values = dict(w.split("=", 1) for w in first.split(": ", 1)[1].split())
+    assert (values["preset"], values["width"], values["lr"], values["steps"]) == ("toy", "256", "0.001", "1")
+    assert "out_dir" not in values and "mode" not in values  # how to run now is not a value of the run
+    assert (tmp_path / "r" / "log.txt").read_text().splitlines()[0] == first
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sampling_reads_the_checkpoint_once(script, tmp_path, monkeypatch):
     # issue 22: flags, method check and weights come from one (memory-mapped) read; and the
@@ -2564,9 +2576,10 @@ def test_func_arch_belongs_to_consistency_func(tmp_path):
 
 # ---- issue 23: nothing silently wrong (no wrong result, traceback, hang or lost run) -------
 
-HOLD_LOCK = """import argparse, sys, time, common
+HOLD_LOCK = """import argparse, os, sys, time, common
 args = common.add_common_args(argparse.ArgumentParser()).parse_args(["--out-dir", sys.argv[1], "--device", "cpu"])
 common.Run(common.finish_args(args, method="holder"))
+os.remove(os.path.join(sys.argv[1], "log.txt"))  # its first line: the folder holds only the lock
 print("holding", flush=True)
 time.sleep(600)
 """
@@ -2576,6 +2589,7 @@ def hold_lock(folder):
     """A live process that took <folder>'s run lock, as a training run there would have."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=HERE, stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.stdout.readline().startswith("holder --mode train: ")
     assert proc.stdout.readline().strip() == "holding"
     return proc
 
