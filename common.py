@@ -5,18 +5,22 @@ training plumbing. The methods themselves (losses, sampling rules, recipes) live
 scripts; what is here is generic, except the networks' optional inputs that one method needs
 (a U-Net's cross-attention context for Integration Flow, the INR generator of CM-Func).
 
-Sections, in order (each has a banner):
-  1.  CLI: the flags every script shares, presets, checkpoint configs, one-line errors
-  2.  Networks: UNet (DDPM-style), DDPMpp (RF's DDPM++), DiT (adaLN-Zero), MLP for 2-D,
+Sections, in order (each has a banner); 1-3 are what a method copied into another project
+needs (a network, a sampler, EMA and the optimizer step), the rest is this repo's plumbing:
+  1.  Networks: UNet (DDPM-style), DDPMpp (RF's DDPM++), DiT (adaLN-Zero), MLP for 2-D,
       FuncGenerator (INR image functions, built by consistency_func.py)
-  3.  ODE samplers: Euler and Dormand-Prince RK45 (forward and backward in t), straightness
+  2.  ODE samplers: Euler and Dormand-Prince RK45 (forward and backward in t), straightness
+  3.  EMA (with warm-up) and the optimizer step (clipping, warmup)
   4.  Data: cifar10, celeba, digits, image folders, 2-D toys, a user's points; resumable batches
-  5a. FID Inception: the TF graph of the FID paper, as in pytorch-fid
+  5a. FID Inception: the TF graph of the FID paper, as in pytorch-fid (imports torchvision
+      only when built)
   5b. FID, Inception Score, precision and recall; 2-D distances
   5c. digits-FD: a Frechet distance on a small digit classifier (no Inception needed)
-  6.  Training plumbing: run setup (device, bf16, TF32, DDP), EMA, atomic checkpoints, exact
-      resume, logging, NaN guard
-  7.  Samples, images and benchmarks: grids, sample export, evaluation per NFE, timing
+  6.  Training plumbing: Run (device, bf16, TF32, DDP; logging and NaN guard; atomic
+      checkpoints and exact resume), run-folder locks, memory checks
+  7.  Samples, images and benchmarks: the one sampling interface, grids, sample export,
+      evaluation per NFE, timing
+  8.  CLI: the flags every script shares, presets, checkpoint configs, one-line errors
 
 Conventions (all files): images are float in [-1, 1], NCHW; 2-D data is [N, 2]; x0 = noise
 (or source), x1 = data; flows run from t = 0 (noise) to t = 1 (data).
@@ -52,386 +56,7 @@ class UserError(ValueError):
 
 
 #################################################################################
-#                                  1. CLI                                       #
-#################################################################################
-
-TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
-                "tri-src", "tri-tgt", "points")
-IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits")
-ARCHS = ("mlp", "unet", "ddpmpp", "dit", "func")
-
-# Network sizes and training recipes. A method file copies these and overrides what its
-# paper's recipe changes (learning rate, batch, steps, EMA). Flags set on the command
-# line always win over the preset.
-PRESETS = {
-    # 2-D toys on CPU: a 3x256 MLP, seconds to minutes.
-    "toy": dict(arch="mlp", width=256, depth=3, steps=5000, batch_size=512, lr=1e-3,
-                ema_decay=0.999, warmup=0, log_every=500, sample_every=0, ckpt_every=1000,
-                fid_n=5000, dropout=0.0, hflip=False),
-    # Images on CPU in minutes: 16x16, a <0.5M-parameter U-Net or a 4-block DiT.
-    "tiny": dict(arch="unet", image_size=16, width=24, depth=1, ch_mult=(1, 2), attn_res=(8,),
-                 heads=4, patch=2, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.999,
-                 warmup=100, log_every=100, sample_every=1000, ckpt_every=500, fid_n=1000,
-                 dropout=0.0, hflip=True),
-    # CIFAR-10: a DDPM-style U-Net of 38.3M parameters (DDPM's 35.7M net plus scale/shift time
-    # modulation; not RF's 62M DDPM++/NCSN++) with RF's optimizer recipe: Adam 2e-4, batch 128,
-    # EMA 0.9999.
-    "cifar10": dict(arch="unet", image_size=32, width=128, depth=2, ch_mult=(1, 2, 2, 2),
-                    attn_res=(16,), heads=6, patch=2, steps=800_000, batch_size=128, lr=2e-4,
-                    ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
-                    ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
-    # CelebA 64x64 (178 -> 140 centre crop), same network with one more resolution (82.8M).
-    "celeba64": dict(arch="unet", image_size=64, width=128, depth=2, ch_mult=(1, 2, 2, 2, 4),
-                     attn_res=(16,), heads=6, patch=4, steps=500_000, batch_size=128, lr=2e-4,
-                     ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
-                     ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
-}
-# DiT-S-like widths when --arch dit is used with an image preset (depth 12, 384 wide).
-DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12),
-            "celeba64": dict(width=384, depth=12)}
-# --arch ddpmpp with the cifar10 preset: RF's DDPM++ (4 res-blocks per level, dropout 0.15).
-DDPMPP_SIZE = {"cifar10": dict(depth=4, dropout=0.15)}
-
-
-def one_line_errors(parser):
-    """argparse prints its usage block before an error; ours print one line (exit code 2)."""
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
-    return parser
-
-
-def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
-    """The flags all four method scripts share, in their own --help group (a script adds its
-    method's group first, so --help lists those first). None defaults are filled by the preset."""
-    one_line_errors(parser)
-    a = parser.add_argument_group("flags shared by the four scripts").add_argument
-    a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
-    a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
-    a("--image-size", type=int, default=None, help="resolution images are resized to")
-    a("--arch", default=None, choices=ARCHS, help="network (default: mlp for 2-D, unet for images)")
-    a("--preset", default=None, choices=sorted(PRESETS), help="size/recipe (default from dataset)")
-    a("--width", type=int, default=None, help="U-Net base channels / DiT or MLP hidden size")
-    a("--depth", type=int, default=None, help="U-Net res-blocks per level / DiT or MLP layers")
-    a("--dropout", type=float, default=None)
-    a("--steps", type=int, default=None, help="training steps (optimizer updates)")
-    a("--batch-size", type=int, default=None, help="global batch size (split over DDP ranks)")
-    a("--lr", type=float, default=None)
-    a("--warmup", type=int, default=None, help="linear learning-rate warmup steps")
-    a("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
-    a("--ema-decay", type=float, default=None)
-    a("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    a("--seed", type=int, default=0)
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    a("--amp", default="auto", choices=("auto", "bf16", "fp32"),
-      help="auto = bf16 autocast + TF32 on CUDA, fp32 on CPU")
-    a("--eval-amp", default="fp32", choices=("fp32", "bf16"),
-      help="precision of evaluation and sample export (FID samples, RK45, likelihood) and of "
-      "reflow pairs: fp32 (default; TF32 off) or bf16 autocast with TF32 (faster on GPUs)")
-    a("--compile", action="store_true", help="torch.compile the training network")
-    a("--channels-last", action="store_true", help="channels_last memory format (images)")
-    a("--workers", type=int, default=2, help="DataLoader worker processes (image data)")
-    a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<preset>)")
-    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt if it exists")
-    a("--overwrite", action="store_true", help="train from scratch over an existing <out-dir>/ckpt.pt")
-    a("--allow-changed", default="", help="with --resume: comma list of flags changed on purpose, "
-      "e.g. lr,batch-size (--resume refuses other changes of data, network, method, batch, lr or "
-      "schedule; --steps may always grow)")
-    a("--log-every", type=int, default=None)
-    a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
-    a("--ckpt-every", type=int, default=None)
-    a("--mode", default="train", choices=modes)
-    a("--ckpt", default=None, help="checkpoint for sample/eval/bench (default <out-dir>/ckpt.pt)")
-    a("--n", type=int, default=64, help="number of samples for --mode sample")
-    a("--nfe", default=None, help="comma list of step counts, e.g. 1,2,4 (add rk45 where supported)")
-    a("--samples-out", default=None, help="folder for --mode sample output (default <out-dir>/samples)")
-    a("--fid-n", type=int, default=None, help="samples for FID (papers: 50000)")
-    a("--inception-weights", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
-    a("--eval-every", type=int, default=0, help="evaluate (FID / 2-D distance) every N steps")
-    a("--weights", default="ema", choices=("ema", "online"),
-      help="weights that sample/eval use: the EMA average (default) or the online training weights")
-    return parser
-
-
-# Flags that say how to run now; everything else can come from a checkpoint's saved config.
-RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
-             "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir",
-             "weights", "seed", "allow_changed",
-             "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
-             "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
-             "sampler"}
-# Saved flags that decide what a checkpoint's samples are: sampling it with another value of
-# one of them is refused (training-only flags such as --lr or --steps do nothing there).
-SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
-                 "inr_width", "inr_depth", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
-                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
-# Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
-# and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
-RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",
-                                        "rf_steps", "two_step_sigma", "method", "nfe_list", "is_image",
-                                        "cond_classes"}  # the last four follow from other flags
-
-
-def parse_args(parser, argv=None, may_differ=None):
-    """parser.parse_args(argv), with args.given = the flags set on the command line. Then, when
-    a mode other than train/bench reads a checkpoint (--ckpt, or <--out-dir>/ckpt.pt): every
-    flag not set on the command line (dataset, network, method flags) is taken from the
-    checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
-    `--mode sample --ckpt runs/x/ckpt.pt` is enough. A SAMPLING_KEYS flag set to another value
-    than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
-    choice), except those in may_differ[mode]."""
-    argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(argv)
-    unset = object()  # parse again into a namespace that already has every dest: argparse then
-    given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
-    ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
-    if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
-        return args
-    ckpt = read_checkpoint(ckpt_path)  # once per command: check_method and load_weights reuse it
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
-    differ = [k for k in sorted(args.given) if k in config and k in checked
-              and not _same(k, getattr(args, k), config[k])]
-    if differ:
-        raise UserError(f"{flag_text(vars(args), differ)}: {ckpt_path} was written with "
-                        f"{flag_text(config, differ)}: pass the same flags, or leave them out "
-                        "(they are read from the checkpoint)")
-    parser.set_defaults(**{k: v for k, v in config.items() if k in vars(args) and k not in RUN_FLAGS})
-    if "out_dir" not in args.given:
-        parser.set_defaults(out_dir=os.path.dirname(os.path.abspath(ckpt_path)))
-    given = args.given
-    args = parser.parse_args(argv)  # the command line, then the checkpoint's config, then defaults
-    args.given = given
-    return args
-
-
-def attach_negative_values(argv):
-    """'--lr -1e-3' -> '--lr=-1e-3': argparse reads a '-' word that is not a plain decimal
-    (-1e-3, -inf) as a flag, and would say '--lr: expected one argument'."""
-    out = []
-    for word in argv:
-        try:
-            number = word.startswith("-") and not word.startswith("--") and float(word) is not None
-        except ValueError:
-            number = False
-        if number and out and out[-1].startswith("--") and "=" not in out[-1]:
-            out[-1] += "=" + word
-        else:
-            out.append(word)
-    return out
-
-
-def drop_flags(argv, dests):
-    """argv without the flags named by their dests (and the value after each that takes one)."""
-    argv, out, skip = attach_negative_values(argv), [], False
-    for word in argv:
-        name = word[2:].split("=")[0].replace("-", "_") if word.startswith("--") else None
-        if skip and name is None:  # the dropped flag's value
-            skip = False
-            continue
-        skip = name in dests and "=" not in word
-        if name not in dests:
-            out.append(word)
-    return out
-
-
-def flag_names(text):
-    """'lr, --batch-size' -> ['lr', 'batch_size'] (argparse dests)."""
-    return [w.strip().lstrip("-").replace("-", "_") for w in str(text).split(",") if w.strip()]
-
-
-def flag_text(values, keys):
-    """['lr', 'same_t'] of {'lr': 0.5, 'same_t': True} -> '--lr 0.5 --same-t'."""
-    words = []
-    for k in keys:
-        v, name = values.get(k), "--" + k.replace("_", "-")
-        words.append(name if v is True else f"no {name}" if v is False else f"{name} {v}")
-    return " ".join(words)
-
-
-def _same(key, a, b):
-    if key in ("data_dir", "source_dir") and isinstance(a, str) and isinstance(b, str):
-        return os.path.realpath(a) == os.path.realpath(b)  # the same folder, however it is written
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
-def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1],
-                no_rk45=None, ranges=None, applies=None):
-    """Fill unset flags from the preset, check them, and return args (one-line errors). `method`
-    is stored in checkpoints (resume and sample check it); the default run folder is
-    runs/<name>-<dataset>-<preset>, name = the script's (default: method). `archs`: the --arch
-    values the script trains (all but func, consistency_func.py's INR generator, by default).
-    no_rk45: for methods without an ODE, why --nfe rk45 is refused and what --nfe counts.
-    ranges / applies: the script's own flags' FLAG_RANGES and APPLIES entries."""
-    if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
-        raise UserError(f"unknown dataset '{args.dataset}': choose one of "
-                        f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
-    args.is_image = args.dataset in IMAGE_DATASETS
-    if args.preset is None:
-        args.preset = ("toy" if not args.is_image else
-                       {"cifar10": "cifar10", "celeba": "celeba64"}.get(args.dataset, "tiny"))
-    if args.preset not in presets:
-        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(presets)}")
-    if args.dataset == "digits" and getattr(args, "hflip", None) is None:
-        args.hflip = False  # a mirrored digit is another digit, or none
-    preset = dict(presets[args.preset])
-    if args.arch == "dit" and args.preset in DIT_SIZE:
-        preset.update(DIT_SIZE[args.preset])
-    preset.update(DDPMPP_SIZE.get(args.preset, {}) if args.arch == "ddpmpp" else {})
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.arch not in archs:
-        raise UserError(f"--arch {args.arch}: this script trains {', '.join(archs)} (func, the INR "
-                        "image-function generator, is consistency_func.py's)")
-    if args.is_image and args.arch == "mlp":
-        raise UserError("--arch mlp is for 2-D data; use unet, ddpmpp or dit for images "
-                        "(or func in consistency_func.py)")
-    if not args.is_image and args.arch != "mlp":
-        raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
-    check_applies(args, {**APPLIES, **(applies or {})})
-    if not args.is_image:
-        args.image_size = None
-    if args.arch == "dit" and args.image_size % args.patch:
-        raise UserError(f"--image-size {args.image_size} is not divisible by the DiT patch "
-                        f"size {args.patch}: pick an image size that is a multiple of it")
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        raise UserError("--resume continues <out-dir>/ckpt.pt and --overwrite starts over: pass one")
-    unknown = [k for k in flag_names(getattr(args, "allow_changed", "")) if k not in vars(args)]
-    if unknown:
-        raise UserError(f"--allow-changed: {', '.join(unknown)} is not a flag of this script")
-    args.nfe_list = parse_nfe(default_nfe if args.nfe is None else args.nfe)  # "" is an error
-    if no_rk45 and "rk45" in args.nfe_list:
-        raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
-    check_numbers(args, {**FLAG_RANGES, **(ranges or {})})
-    args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
-    args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
-    args.method = method
-    return args
-
-
-# flag: the interval its value must lie in, "[" "]" including the bound and "(" ")" excluding
-# it; NaN always fails. Scripts add their method's flags (finish_args(ranges=...)).
-FLAG_RANGES = {"lr": "(0, inf)", "ema_decay": "[0, 1)", "dropout": "[0, 1)", "grad_clip": "[0, inf)",
-               "warmup": "[0, inf)", "steps": "[0, 1e12]", "batch_size": "[1, inf)", "n": "[1, inf)",
-               "fid_n": "[4, inf)", "width": "[1, inf)", "depth": "[1, inf)", "image_size": "[1, inf)",
-               "log_every": "[1, inf)", "ckpt_every": "[0, inf)", "sample_every": "[0, inf)",
-               "eval_every": "[0, inf)", "workers": "[0, 256]", "seed": "[0, 4294967295]"}
-
-
-def check_numbers(args, ranges=FLAG_RANGES):
-    """One-line errors for numeric flags outside their range (NaN and inf included), for a
-    width that a DiT cannot split, and for a --device torch cannot compute on."""
-    for key, interval in ranges.items():
-        value = getattr(args, key, None)
-        if value is None or isinstance(value, (bool, str, list, tuple)):
-            continue
-        low, high = (b.strip() for b in interval[1:-1].split(","))
-        above = value >= float(low) if interval[0] == "[" else value > float(low)
-        below = value <= float(high) if interval[-1] == "]" else value < float(high)
-        if not (above and below):  # NaN compares False
-            if high != "inf":
-                span = f"a number in {interval}"
-            else:
-                sign = ">=" if interval[0] == "[" else ">"
-                span = "a finite number" if low == "-inf" else f"a number {sign} {low}"
-            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use {span}")
-    if getattr(args, "arch", None) in ("unet", "ddpmpp") and args.image_size:
-        levels = 2 ** (len(args.ch_mult) - 1)
-        if args.image_size % levels:
-            raise UserError(f"--image-size {args.image_size}: the U-Net halves it "
-                            f"{len(args.ch_mult) - 1} times, so use a multiple of {levels}")
-    if getattr(args, "arch", None) in ("dit", "func") and args.width % math.lcm(4, args.heads):
-        raise UserError(f"--width {args.width}: --arch {args.arch} needs a multiple of "
-                        f"{math.lcm(4, args.heads)} (its {args.heads} attention heads, and 4 for "
-                        "its 2-D sin-cos positions)")
-    try:
-        device = torch.device(args.device) if getattr(args, "device", None) else None
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
-    if device is not None and device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {args.device}: only cpu and cuda are supported")
-
-
-# flag: (does it apply to these args?, what it is for). A flag set on the command line where it
-# does nothing is an error, not silently ignored. Scripts add their method's flags.
-APPLIES = {
-    "hflip": (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)"),
-    "image_size": (lambda a: a.is_image, "image data"),
-    "channels_last": (lambda a: a.is_image, "image data"),
-    "workers": (lambda a: a.is_image and a.dataset != "digits",
-                "image files (2-D data and digits are indexed in memory)"),
-    "inception_weights": (lambda a: a.is_image and a.dataset != "digits",
-                          "FID on image data (digits are scored by their own classifier)"),
-    "amp": (lambda a: a.mode in ("train", "bench"), "training (sampling runs in --eval-amp)"),
-    "resume": (lambda a: a.mode == "train", "--mode train"),
-    "overwrite": (lambda a: a.mode == "train", "--mode train"),
-    "allow_changed": (lambda a: a.resume, "--resume"),
-    "weights": (lambda a: a.mode not in ("train", "bench"), "sampling and evaluation"),
-    "ckpt": (lambda a: a.mode not in ("train", "bench"),
-             "sampling and evaluation (training writes <out-dir>/ckpt.pt)"),
-}
-
-
-def check_applies(args, rules):
-    for key in sorted(getattr(args, "given", ())):
-        if key in rules and not rules[key][0](args):
-            raise UserError(f"--{key.replace('_', '-')} does not apply to this run: it is for "
-                            f"{rules[key][1]}; leave it out")
-
-
-def check_steps(args):
-    """For scripts where --steps 0 would train nothing and write nothing."""
-    if args.mode == "train" and args.steps == 0:
-        raise UserError("--steps 0 trains nothing and writes no checkpoint: use --steps N >= 1")
-
-
-MAX_NFE = 10_000  # sampling steps, anchor iterations, RK45 evaluations
-
-
-def parse_nfe(text):
-    """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be an integer in 1..MAX_NFE."""
-    out = []
-    for item in str(text).split(","):
-        item = item.strip().lower()
-        if item == "rk45":
-            out.append(item)
-            continue
-        try:
-            k = int(item)
-        except ValueError:
-            raise UserError(f"--nfe '{text}': use positive integers separated by commas, "
-                            "e.g. 1,2,4 (or rk45)") from None
-        if k <= 0:
-            raise UserError(f"--nfe must be positive (got {k}): the number of network "
-                            "evaluations is at least 1")
-        if k > MAX_NFE:
-            raise UserError(f"--nfe {k} is out of range: use at most {MAX_NFE} network "
-                            "evaluations (RK45's limit too)")
-        out.append(k)
-    return out
-
-
-def run_cli(main, argv=None):
-    """Call main(argv); a UserError becomes one line on stderr and exit code 2. So does running
-    out of memory where no estimate (Run.check_sizes) saw it coming."""
-    try:
-        return main(argv)
-    except UserError as e:  # raised in a DataLoader worker, it carries the worker's traceback
-        text = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-    except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError is a RuntimeError
-        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate" in str(e)):
-            raise
-        text = (f"out of memory ({type(e).__name__}): lower --batch-size, --n or --fid-n, or the "
-                "network's size (--width, --depth, --image-size)")
-    print(f"error: {text}", file=sys.stderr)
-    sys.exit(2)
-
-
-#################################################################################
-#                                 2. Networks                                   #
+#                                  1. Networks                                  #
 #################################################################################
 
 def timestep_embedding(t, dim, scale=1000.0, max_period=10000.0):
@@ -930,8 +555,11 @@ class FuncGenerator(nn.Module):
 
 
 #################################################################################
-#                               3. ODE samplers                                 #
+#                                2. ODE samplers                                #
 #################################################################################
+
+MAX_NFE = 10_000  # sampling steps, anchor iterations, RK45 evaluations
+
 
 @torch.no_grad()
 def integrate(v, x, nfe=None, method="euler", t0=0.0, t1=1.0, rtol=1e-5, atol=1e-5,
@@ -1020,7 +648,55 @@ def straightness(v, x0, steps=100):
 
 
 #################################################################################
-#                                   4. Data                                     #
+#                         3. EMA and the optimizer step                         #
+#################################################################################
+
+class EMA:
+    """Exponential moving average of a network's weights, kept in a frozen copy that
+    evaluation and sampling use (the training network is never swapped).
+
+    Warm-up: update k (k = 0, 1, ... = the training step) uses decay_k = min(decay,
+    (1 + k) / (10 + k)) (TensorFlow's ExponentialMovingAverage with num_updates). A fixed 0.999
+    would keep (0.999)^1500 = 22% of the random initial weights after 1500 steps; with the
+    warm-up the average covers roughly the last k/10 steps early on and `decay` later (from
+    k = 9000 for 0.999, k = 90000 for 0.9999). The step comes from the loop, so resume is exact."""
+
+    def __init__(self, net, decay):
+        self.model = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay = decay
+
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, net, step):
+        ema_p, net_p = list(self.model.parameters()), list(net.parameters())
+        # p_ema += (1 - decay_k)(p - p_ema)
+        torch._foreach_lerp_(ema_p, net_p, 1.0 - self.decay_at(step))
+        for b_ema, b in zip(self.model.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd):
+        self.model.load_state_dict(sd)
+
+
+def optimize(opt, loss, net, args, step):
+    """One update: linear warmup of the learning rate, backward, gradient clipping, step."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    opt.step()
+
+
+#################################################################################
+#                                    4. Data                                    #
 #################################################################################
 
 def toy_sample(name, n, generator=None):
@@ -1716,52 +1392,8 @@ class DigitsFD:
 
 
 #################################################################################
-#                            6. Training plumbing                               #
+#                              6. Training plumbing                             #
 #################################################################################
-
-class EMA:
-    """Exponential moving average of a network's weights, kept in a frozen copy that
-    evaluation and sampling use (the training network is never swapped).
-
-    Warm-up: update k (k = 0, 1, ... = the training step) uses decay_k = min(decay,
-    (1 + k) / (10 + k)) (TensorFlow's ExponentialMovingAverage with num_updates). A fixed 0.999
-    would keep (0.999)^1500 = 22% of the random initial weights after 1500 steps; with the
-    warm-up the average covers roughly the last k/10 steps early on and `decay` later (from
-    k = 9000 for 0.999, k = 90000 for 0.9999). The step comes from the loop, so resume is exact."""
-
-    def __init__(self, net, decay):
-        self.model = copy.deepcopy(net).eval().requires_grad_(False)
-        self.decay = decay
-
-    def decay_at(self, step):
-        return min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self, net, step):
-        ema_p, net_p = list(self.model.parameters()), list(net.parameters())
-        # p_ema += (1 - decay_k)(p - p_ema)
-        torch._foreach_lerp_(ema_p, net_p, 1.0 - self.decay_at(step))
-        for b_ema, b in zip(self.model.buffers(), net.buffers()):
-            b_ema.copy_(b)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, sd):
-        self.model.load_state_dict(sd)
-
-
-def optimize(opt, loss, net, args, step):
-    """One update: linear warmup of the learning rate, backward, gradient clipping, step."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-    opt.step()
-
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a run killed mid-write
@@ -2475,3 +2107,379 @@ def benchmark(run, train_step, sample_fn, nfes, batch, iters=10, warmup=2):
         out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     run.print(f"bench peak memory: {out['peak_mem_gb']:.2f} GiB ({'GPU' if cuda else 'process RSS'})")
     return out
+
+
+#################################################################################
+#                                     8. CLI                                    #
+#################################################################################
+
+TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
+                "tri-src", "tri-tgt", "points")
+IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits")
+ARCHS = ("mlp", "unet", "ddpmpp", "dit", "func")
+
+# Network sizes and training recipes. A method file copies these and overrides what its
+# paper's recipe changes (learning rate, batch, steps, EMA). Flags set on the command
+# line always win over the preset.
+PRESETS = {
+    # 2-D toys on CPU: a 3x256 MLP, seconds to minutes.
+    "toy": dict(arch="mlp", width=256, depth=3, steps=5000, batch_size=512, lr=1e-3,
+                ema_decay=0.999, warmup=0, log_every=500, sample_every=0, ckpt_every=1000,
+                fid_n=5000, dropout=0.0, hflip=False),
+    # Images on CPU in minutes: 16x16, a <0.5M-parameter U-Net or a 4-block DiT.
+    "tiny": dict(arch="unet", image_size=16, width=24, depth=1, ch_mult=(1, 2), attn_res=(8,),
+                 heads=4, patch=2, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.999,
+                 warmup=100, log_every=100, sample_every=1000, ckpt_every=500, fid_n=1000,
+                 dropout=0.0, hflip=True),
+    # CIFAR-10: a DDPM-style U-Net of 38.3M parameters (DDPM's 35.7M net plus scale/shift time
+    # modulation; not RF's 62M DDPM++/NCSN++) with RF's optimizer recipe: Adam 2e-4, batch 128,
+    # EMA 0.9999.
+    "cifar10": dict(arch="unet", image_size=32, width=128, depth=2, ch_mult=(1, 2, 2, 2),
+                    attn_res=(16,), heads=6, patch=2, steps=800_000, batch_size=128, lr=2e-4,
+                    ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
+                    ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
+    # CelebA 64x64 (178 -> 140 centre crop), same network with one more resolution (82.8M).
+    "celeba64": dict(arch="unet", image_size=64, width=128, depth=2, ch_mult=(1, 2, 2, 2, 4),
+                     attn_res=(16,), heads=6, patch=4, steps=500_000, batch_size=128, lr=2e-4,
+                     ema_decay=0.9999, warmup=5000, log_every=100, sample_every=10_000,
+                     ckpt_every=5000, fid_n=50_000, dropout=0.1, hflip=True),
+}
+# DiT-S-like widths when --arch dit is used with an image preset (depth 12, 384 wide).
+DIT_SIZE = {"tiny": dict(width=64, depth=4), "cifar10": dict(width=384, depth=12),
+            "celeba64": dict(width=384, depth=12)}
+# --arch ddpmpp with the cifar10 preset: RF's DDPM++ (4 res-blocks per level, dropout 0.15).
+DDPMPP_SIZE = {"cifar10": dict(depth=4, dropout=0.15)}
+
+
+def one_line_errors(parser):
+    """argparse prints its usage block before an error; ours print one line (exit code 2)."""
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
+    return parser
+
+
+def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
+    """The flags all four method scripts share, in their own --help group (a script adds its
+    method's group first, so --help lists those first). None defaults are filled by the preset."""
+    one_line_errors(parser)
+    a = parser.add_argument_group("flags shared by the four scripts").add_argument
+    a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
+    a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")
+    a("--image-size", type=int, default=None, help="resolution images are resized to")
+    a("--arch", default=None, choices=ARCHS, help="network (default: mlp for 2-D, unet for images)")
+    a("--preset", default=None, choices=sorted(PRESETS), help="size/recipe (default from dataset)")
+    a("--width", type=int, default=None, help="U-Net base channels / DiT or MLP hidden size")
+    a("--depth", type=int, default=None, help="U-Net res-blocks per level / DiT or MLP layers")
+    a("--dropout", type=float, default=None)
+    a("--steps", type=int, default=None, help="training steps (optimizer updates)")
+    a("--batch-size", type=int, default=None, help="global batch size (split over DDP ranks)")
+    a("--lr", type=float, default=None)
+    a("--warmup", type=int, default=None, help="linear learning-rate warmup steps")
+    a("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    a("--ema-decay", type=float, default=None)
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+      help="auto = bf16 autocast + TF32 on CUDA, fp32 on CPU")
+    a("--eval-amp", default="fp32", choices=("fp32", "bf16"),
+      help="precision of evaluation and sample export (FID samples, RK45, likelihood) and of "
+      "reflow pairs: fp32 (default; TF32 off) or bf16 autocast with TF32 (faster on GPUs)")
+    a("--compile", action="store_true", help="torch.compile the training network")
+    a("--channels-last", action="store_true", help="channels_last memory format (images)")
+    a("--workers", type=int, default=2, help="DataLoader worker processes (image data)")
+    a("--out-dir", default=None, help="run folder (default runs/<method>-<dataset>-<preset>)")
+    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt if it exists")
+    a("--overwrite", action="store_true", help="train from scratch over an existing <out-dir>/ckpt.pt")
+    a("--allow-changed", default="", help="with --resume: comma list of flags changed on purpose, "
+      "e.g. lr,batch-size (--resume refuses other changes of data, network, method, batch, lr or "
+      "schedule; --steps may always grow)")
+    a("--log-every", type=int, default=None)
+    a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
+    a("--ckpt-every", type=int, default=None)
+    a("--mode", default="train", choices=modes)
+    a("--ckpt", default=None, help="checkpoint for sample/eval/bench (default <out-dir>/ckpt.pt)")
+    a("--n", type=int, default=64, help="number of samples for --mode sample")
+    a("--nfe", default=None, help="comma list of step counts, e.g. 1,2,4 (add rk45 where supported)")
+    a("--samples-out", default=None, help="folder for --mode sample output (default <out-dir>/samples)")
+    a("--fid-n", type=int, default=None, help="samples for FID (papers: 50000)")
+    a("--inception-weights", default=None, help="path to pt_inception-2015-12-05-6726825d.pth")
+    a("--eval-every", type=int, default=0, help="evaluate (FID / 2-D distance) every N steps")
+    a("--weights", default="ema", choices=("ema", "online"),
+      help="weights that sample/eval use: the EMA average (default) or the online training weights")
+    return parser
+
+
+# Flags that say how to run now; everything else can come from a checkpoint's saved config.
+RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "resume", "device",
+             "overwrite", "amp", "eval_amp", "compile", "channels_last", "workers", "out_dir",
+             "weights", "seed", "allow_changed",
+             "inception_weights", "sample_res", "cfg", "src_class", "tgt_class", "ckpt_b",
+             "translate", "bpd", "div", "edit_index", "edit_noise", "conv_iters", "n_conv",
+             "sampler"}
+# Saved flags that decide what a checkpoint's samples are: sampling it with another value of
+# one of them is refused (training-only flags such as --lr or --steps do nothing there).
+SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
+                 "inr_width", "inr_depth", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
+                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
+# Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
+# and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
+RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",
+                                        "rf_steps", "two_step_sigma", "method", "nfe_list", "is_image",
+                                        "cond_classes"}  # the last four follow from other flags
+
+
+def parse_args(parser, argv=None, may_differ=None):
+    """parser.parse_args(argv), with args.given = the flags set on the command line. Then, when
+    a mode other than train/bench reads a checkpoint (--ckpt, or <--out-dir>/ckpt.pt): every
+    flag not set on the command line (dataset, network, method flags) is taken from the
+    checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
+    `--mode sample --ckpt runs/x/ckpt.pt` is enough. A SAMPLING_KEYS flag set to another value
+    than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
+    choice), except those in may_differ[mode]."""
+    argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(argv)
+    unset = object()  # parse again into a namespace that already has every dest: argparse then
+    given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
+    ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
+    if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
+        return args
+    ckpt = read_checkpoint(ckpt_path)  # once per command: check_method and load_weights reuse it
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
+    differ = [k for k in sorted(args.given) if k in config and k in checked
+              and not _same(k, getattr(args, k), config[k])]
+    if differ:
+        raise UserError(f"{flag_text(vars(args), differ)}: {ckpt_path} was written with "
+                        f"{flag_text(config, differ)}: pass the same flags, or leave them out "
+                        "(they are read from the checkpoint)")
+    parser.set_defaults(**{k: v for k, v in config.items() if k in vars(args) and k not in RUN_FLAGS})
+    if "out_dir" not in args.given:
+        parser.set_defaults(out_dir=os.path.dirname(os.path.abspath(ckpt_path)))
+    given = args.given
+    args = parser.parse_args(argv)  # the command line, then the checkpoint's config, then defaults
+    args.given = given
+    return args
+
+
+def attach_negative_values(argv):
+    """'--lr -1e-3' -> '--lr=-1e-3': argparse reads a '-' word that is not a plain decimal
+    (-1e-3, -inf) as a flag, and would say '--lr: expected one argument'."""
+    out = []
+    for word in argv:
+        try:
+            number = word.startswith("-") and not word.startswith("--") and float(word) is not None
+        except ValueError:
+            number = False
+        if number and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] += "=" + word
+        else:
+            out.append(word)
+    return out
+
+
+def drop_flags(argv, dests):
+    """argv without the flags named by their dests (and the value after each that takes one)."""
+    argv, out, skip = attach_negative_values(argv), [], False
+    for word in argv:
+        name = word[2:].split("=")[0].replace("-", "_") if word.startswith("--") else None
+        if skip and name is None:  # the dropped flag's value
+            skip = False
+            continue
+        skip = name in dests and "=" not in word
+        if name not in dests:
+            out.append(word)
+    return out
+
+
+def flag_names(text):
+    """'lr, --batch-size' -> ['lr', 'batch_size'] (argparse dests)."""
+    return [w.strip().lstrip("-").replace("-", "_") for w in str(text).split(",") if w.strip()]
+
+
+def flag_text(values, keys):
+    """['lr', 'same_t'] of {'lr': 0.5, 'same_t': True} -> '--lr 0.5 --same-t'."""
+    words = []
+    for k in keys:
+        v, name = values.get(k), "--" + k.replace("_", "-")
+        words.append(name if v is True else f"no {name}" if v is False else f"{name} {v}")
+    return " ".join(words)
+
+
+def _same(key, a, b):
+    if key in ("data_dir", "source_dir") and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)  # the same folder, however it is written
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=None, archs=ARCHS[:-1],
+                no_rk45=None, ranges=None, applies=None):
+    """Fill unset flags from the preset, check them, and return args (one-line errors). `method`
+    is stored in checkpoints (resume and sample check it); the default run folder is
+    runs/<name>-<dataset>-<preset>, name = the script's (default: method). `archs`: the --arch
+    values the script trains (all but func, consistency_func.py's INR generator, by default).
+    no_rk45: for methods without an ODE, why --nfe rk45 is refused and what --nfe counts.
+    ranges / applies: the script's own flags' FLAG_RANGES and APPLIES entries."""
+    if args.dataset not in IMAGE_DATASETS + TOY_DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of "
+                        f"{', '.join(IMAGE_DATASETS + TOY_DATASETS)}")
+    args.is_image = args.dataset in IMAGE_DATASETS
+    if args.preset is None:
+        args.preset = ("toy" if not args.is_image else
+                       {"cifar10": "cifar10", "celeba": "celeba64"}.get(args.dataset, "tiny"))
+    if args.preset not in presets:
+        raise UserError(f"unknown preset '{args.preset}': choose one of {', '.join(presets)}")
+    if args.dataset == "digits" and getattr(args, "hflip", None) is None:
+        args.hflip = False  # a mirrored digit is another digit, or none
+    preset = dict(presets[args.preset])
+    if args.arch == "dit" and args.preset in DIT_SIZE:
+        preset.update(DIT_SIZE[args.preset])
+    preset.update(DDPMPP_SIZE.get(args.preset, {}) if args.arch == "ddpmpp" else {})
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.arch not in archs:
+        raise UserError(f"--arch {args.arch}: this script trains {', '.join(archs)} (func, the INR "
+                        "image-function generator, is consistency_func.py's)")
+    if args.is_image and args.arch == "mlp":
+        raise UserError("--arch mlp is for 2-D data; use unet, ddpmpp or dit for images "
+                        "(or func in consistency_func.py)")
+    if not args.is_image and args.arch != "mlp":
+        raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
+    check_applies(args, {**APPLIES, **(applies or {})})
+    if not args.is_image:
+        args.image_size = None
+    if args.arch == "dit" and args.image_size % args.patch:
+        raise UserError(f"--image-size {args.image_size} is not divisible by the DiT patch "
+                        f"size {args.patch}: pick an image size that is a multiple of it")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UserError("--resume continues <out-dir>/ckpt.pt and --overwrite starts over: pass one")
+    unknown = [k for k in flag_names(getattr(args, "allow_changed", "")) if k not in vars(args)]
+    if unknown:
+        raise UserError(f"--allow-changed: {', '.join(unknown)} is not a flag of this script")
+    args.nfe_list = parse_nfe(default_nfe if args.nfe is None else args.nfe)  # "" is an error
+    if no_rk45 and "rk45" in args.nfe_list:
+        raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
+    check_numbers(args, {**FLAG_RANGES, **(ranges or {})})
+    args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
+    args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    args.samples_out = args.samples_out or os.path.join(args.out_dir, "samples")
+    args.method = method
+    return args
+
+
+# flag: the interval its value must lie in, "[" "]" including the bound and "(" ")" excluding
+# it; NaN always fails. Scripts add their method's flags (finish_args(ranges=...)).
+FLAG_RANGES = {"lr": "(0, inf)", "ema_decay": "[0, 1)", "dropout": "[0, 1)", "grad_clip": "[0, inf)",
+               "warmup": "[0, inf)", "steps": "[0, 1e12]", "batch_size": "[1, inf)", "n": "[1, inf)",
+               "fid_n": "[4, inf)", "width": "[1, inf)", "depth": "[1, inf)", "image_size": "[1, inf)",
+               "log_every": "[1, inf)", "ckpt_every": "[0, inf)", "sample_every": "[0, inf)",
+               "eval_every": "[0, inf)", "workers": "[0, 256]", "seed": "[0, 4294967295]"}
+
+
+def check_numbers(args, ranges=FLAG_RANGES):
+    """One-line errors for numeric flags outside their range (NaN and inf included), for a
+    width that a DiT cannot split, and for a --device torch cannot compute on."""
+    for key, interval in ranges.items():
+        value = getattr(args, key, None)
+        if value is None or isinstance(value, (bool, str, list, tuple)):
+            continue
+        low, high = (b.strip() for b in interval[1:-1].split(","))
+        above = value >= float(low) if interval[0] == "[" else value > float(low)
+        below = value <= float(high) if interval[-1] == "]" else value < float(high)
+        if not (above and below):  # NaN compares False
+            if high != "inf":
+                span = f"a number in {interval}"
+            else:
+                sign = ">=" if interval[0] == "[" else ">"
+                span = "a finite number" if low == "-inf" else f"a number {sign} {low}"
+            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use {span}")
+    if getattr(args, "arch", None) in ("unet", "ddpmpp") and args.image_size:
+        levels = 2 ** (len(args.ch_mult) - 1)
+        if args.image_size % levels:
+            raise UserError(f"--image-size {args.image_size}: the U-Net halves it "
+                            f"{len(args.ch_mult) - 1} times, so use a multiple of {levels}")
+    if getattr(args, "arch", None) in ("dit", "func") and args.width % math.lcm(4, args.heads):
+        raise UserError(f"--width {args.width}: --arch {args.arch} needs a multiple of "
+                        f"{math.lcm(4, args.heads)} (its {args.heads} attention heads, and 4 for "
+                        "its 2-D sin-cos positions)")
+    try:
+        device = torch.device(args.device) if getattr(args, "device", None) else None
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: only cpu and cuda are supported")
+
+
+# flag: (does it apply to these args?, what it is for). A flag set on the command line where it
+# does nothing is an error, not silently ignored. Scripts add their method's flags.
+APPLIES = {
+    "hflip": (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)"),
+    "image_size": (lambda a: a.is_image, "image data"),
+    "channels_last": (lambda a: a.is_image, "image data"),
+    "workers": (lambda a: a.is_image and a.dataset != "digits",
+                "image files (2-D data and digits are indexed in memory)"),
+    "inception_weights": (lambda a: a.is_image and a.dataset != "digits",
+                          "FID on image data (digits are scored by their own classifier)"),
+    "amp": (lambda a: a.mode in ("train", "bench"), "training (sampling runs in --eval-amp)"),
+    "resume": (lambda a: a.mode == "train", "--mode train"),
+    "overwrite": (lambda a: a.mode == "train", "--mode train"),
+    "allow_changed": (lambda a: a.resume, "--resume"),
+    "weights": (lambda a: a.mode not in ("train", "bench"), "sampling and evaluation"),
+    "ckpt": (lambda a: a.mode not in ("train", "bench"),
+             "sampling and evaluation (training writes <out-dir>/ckpt.pt)"),
+}
+
+
+def check_applies(args, rules):
+    for key in sorted(getattr(args, "given", ())):
+        if key in rules and not rules[key][0](args):
+            raise UserError(f"--{key.replace('_', '-')} does not apply to this run: it is for "
+                            f"{rules[key][1]}; leave it out")
+
+
+def check_steps(args):
+    """For scripts where --steps 0 would train nothing and write nothing."""
+    if args.mode == "train" and args.steps == 0:
+        raise UserError("--steps 0 trains nothing and writes no checkpoint: use --steps N >= 1")
+
+
+def parse_nfe(text):
+    """'1,2,4,rk45' -> [1, 2, 4, 'rk45']; every number must be an integer in 1..MAX_NFE."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if item == "rk45":
+            out.append(item)
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            raise UserError(f"--nfe '{text}': use positive integers separated by commas, "
+                            "e.g. 1,2,4 (or rk45)") from None
+        if k <= 0:
+            raise UserError(f"--nfe must be positive (got {k}): the number of network "
+                            "evaluations is at least 1")
+        if k > MAX_NFE:
+            raise UserError(f"--nfe {k} is out of range: use at most {MAX_NFE} network "
+                            "evaluations (RK45's limit too)")
+        out.append(k)
+    return out
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); a UserError becomes one line on stderr and exit code 2. So does running
+    out of memory where no estimate (Run.check_sizes) saw it coming."""
+    try:
+        return main(argv)
+    except UserError as e:  # raised in a DataLoader worker, it carries the worker's traceback
+        text = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+    except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError is a RuntimeError
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate" in str(e)):
+            raise
+        text = (f"out of memory ({type(e).__name__}): lower --batch-size, --n or --fid-n, or the "
+                "network's size (--width, --depth, --image-size)")
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
