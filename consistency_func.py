@@ -284,7 +284,11 @@ def train(args, run, data, net, method):
     batches = common.ResumableBatches(data, run.local_batch, run, args.seed, 0, args.workers)
     # global step = pre-training steps, then the K = --steps consistency steps
     pretrain = round(args.pretrain_epochs * batches.per_epoch)
-    start, _, _ = run.resume(pretrain + args.steps, net=net, ema=ema, opt=opt)
+    start, ckpt, _ = run.resume(pretrain + args.steps, net=net, ema=ema, opt=opt)
+    was = (ckpt or {}).get("config", {}).get("steps", args.steps)
+    if was != args.steps and start > pretrain:  # K = --steps is the length of iCT's curriculum N(k)
+        run.print(f"--steps {args.steps}, the checkpoint's run had {was}: iCT's curriculum N(k) "
+                  f"follows K = {args.steps} from consistency step {start - pretrain} on (N jumps there)")
     batches.step = start  # the data stream goes on where the checkpoint stopped
     model = run.wrap(net)
     if pretrain:
@@ -388,8 +392,8 @@ RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGM
 APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "jitter"],
                            (lambda a: a.arch == "func", "--arch func (the INR generator)")),
            **dict.fromkeys(["pretrain", "pretrain_epochs"], (lambda a: a.is_image, "images")),
-           "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench"),
-                          "images in --mode sample or bench"),
+           "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench") and a.sampler == "cm",
+                          "images in --mode sample or bench, with iCT's sampler (--sampler cm)"),
            "ckpt": (lambda a: a.mode != "train", "sampling, evaluation and bench")}
 
 
@@ -457,7 +461,7 @@ def main(argv=None):
         train(args, run, data, net, method)
     elif args.mode == "sample":
         common.write_samples(args, data, fn, run)
-        if args.arch == "func":
+        if args.arch == "func" and args.sampler == "cm":  # renders come from iCT's sampler
             write_multires(args, run, data, net, method)
     elif args.mode == "eval":
         common.evaluate(args, run, data, fn)

@@ -611,6 +611,8 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
                 ("consistency_func", ["--nfe", "1,rk45"], "--nfe rk45 does not apply: .*model steps"),
                 ("consistency_func", ["--pretrain", "recon"], "--pretrain does not apply to this run: it is for images"),
                 ("consistency_func", ["--sampler", "ode"], "--sampler: invalid choice: 'ode'"),
+                ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode", "sample",
+                                      "--sampler", "edm", "--sample-res", "32"], "--sample-res does not apply"),
                 ("integration_flow", ["--nfe", "rk45"], "--nfe rk45 does not apply: .*anchor iterations"),
                 ("asfm", ["--steps", "0"], "--steps 0 trains nothing"),
                 ("integration_flow", ["--steps", "0"], "--steps 0 trains nothing"),
@@ -1940,6 +1942,14 @@ def test_sampling_sigmas_two_step_is_icts():
     assert m.sampling_sigmas(1) == [80.0] and m.sampling_sigmas(2) == [80.0, 0.821]  # iCT
     assert consistency_func.ConsistencyTraining(100, two_step_sigma=1.5).sampling_sigmas(2) == [80.0, 1.5]
     assert m.sampling_sigmas(3) == pytest.approx(consistency_func.karras_sigmas(4).flip(0)[:3].tolist())
+
+
+def test_ct_resume_with_more_steps_says_the_curriculum_jumps(tmp_path, capsys):
+    run = ["--width", "16", "--batch-size", "32", "--device", "cpu", "--out-dir", str(tmp_path / "r")]
+    consistency_func.main(["--steps", "4"] + run)
+    consistency_func.main(["--steps", "8", "--resume"] + run)
+    assert ("--steps 8, the checkpoint's run had 4: iCT's curriculum N(k) follows K = 8 from consistency "
+            "step 4 on (N jumps there)") in capsys.readouterr().out
 
 
 # ---- the INR generator -----------------------------------------------------------------
