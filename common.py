@@ -2244,7 +2244,7 @@ def parse_args(parser, argv=None, may_differ=None):
     ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
     if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
         return args
-    ckpt = read_checkpoint(ckpt_path)  # once per command: check_method and load_weights reuse it
+    ckpt = read_checkpoint(ckpt_path)  # once per command: check_written_by and load_weights reuse it
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
     differ = [k for k in sorted(args.given) if k in config and k in checked

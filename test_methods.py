@@ -2425,11 +2425,12 @@ def test_2d_runs_never_import_torchvision(tmp_path):
     code = f"""
 import sys
 import asfm, consistency_func, integration_flow, scoreflow, toy2d
-asfm.main(['--stage', 'rf', '--steps', '3', '--batch-size', '16', '--out-dir', r'{tmp_path}/rf'])
-asfm.main(['--stage', 'asfm', '--init', r'{tmp_path}/rf/ckpt.pt', '--steps', '3', '--batch-size', '16',
-           '--out-dir', r'{tmp_path}/asfm'])
-for m in (consistency_func, integration_flow, scoreflow):
-    m.main(['--steps', '3', '--batch-size', '16', '--out-dir', r'{tmp_path}/' + m.__name__])
+small = ['--steps', '3', '--batch-size', '16', '--fid-n', '100']
+asfm.main(['--stage', 'rf', '--out-dir', r'{tmp_path}/rf'] + small)
+asfm.main(['--stage', 'asfm', '--init', r'{tmp_path}/rf/ckpt.pt', '--out-dir', r'{tmp_path}/asfm'] + small)
+integration_flow.main(['--n-conv', '50', '--out-dir', r'{tmp_path}/if'] + small)
+for m in (consistency_func, scoreflow):
+    m.main(['--out-dir', r'{tmp_path}/' + m.__name__] + small)
 toy2d.main(['--steps', '10', '--methods', 'rf', '--setups', 'a', '--out', r'{tmp_path}/toy'])
 print('torchvision' in sys.modules)
 """
