@@ -1325,14 +1325,18 @@ def test_offline_reflow_pairs_killed_midway_resume_where_they_stopped(tmp_path, 
     assert not (tmp_path / "killed" / "reflow_pairs.pt.rank0").exists()
 
 
-def test_asfm_toy_eval_writes_figure_and_straightness(tmp_path, capsys):
+def test_asfm_toy_eval_numbers_figure_and_straightness(tmp_path, capsys):
     out = str(tmp_path / "t")
     asfm.main(["--stage", "rf", "--steps", "20", "--width", "32", "--device", "cpu", "--out-dir", out])
     asfm.main(["--stage", "rf", "--mode", "eval", "--fid-n", "300", "--width", "32", "--device", "cpu",
                "--out-dir", out, "--nfe", "1,rk45"])
     text = capsys.readouterr().out
-    assert "eval nfe=1:" in text and "eval nfe=rk45" in text and "straightness S" in text
-    assert os.path.isfile(os.path.join(out, "same_noise_by_nfe.png"))
+    sw2 = {k: float(v) for k, v in re.findall(r"eval nfe=(\w+): sw2=([\d.]+)", text)}
+    used = int(re.search(r"eval nfe=rk45: .* nfe=(\d+) n=300", text).group(1))
+    S = float(re.search(r"straightness S = ([\d.e+-]+) \(Euler 100, 300 samples", text).group(1))
+    assert set(sw2) == {"1", "rk45"} and all(0 < v < 10 for v in sw2.values())
+    assert used > 6 and S > 0  # RK45 takes several adaptive steps; a 20-step 1-RF is curved
+    assert os.path.getsize(os.path.join(out, "same_noise_by_nfe.png")) > 10_000  # paths per NFE
     with pytest.raises(common.UserError, match="--mode edit needs an image"):
         asfm.main(["--stage", "rf", "--mode", "edit", "--width", "32", "--device", "cpu", "--out-dir", out])
     with pytest.raises(common.UserError, match="no checkpoint"):
