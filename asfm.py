@@ -409,8 +409,7 @@ def train(args, run, data, net):
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, local=memory.state_dict() if memory is not None else None, **state)
         if run.master and run.due(step + 1, args.sample_every):
-            common.write_samples(args, data, common.sampler(RectifiedFlow.sample, ema.model, data, run),
-                                 run)
+            common.write_samples(args, data, common.sampler(RectifiedFlow.sample, ema.model, data, run), run)
         if run.master and run.due(step + 1, args.eval_every):
             evaluate(args, run, data, ema.model)
     return ema

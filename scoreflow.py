@@ -333,8 +333,9 @@ def class_fidelity(args, run, data, net, method, x0=None):
     """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits, the
     fraction of samples of each class that the digit classifier reads as that class (CFG)."""
     n = max(100, args.fid_n // method.num_classes)
-    sample_fn = lambda n, nfe, c: common.sampler(  # noqa: E731 (n samples, all of class c)
-        functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
+
+    def sample_fn(n, nfe, c):  # n samples, all of class c
+        return common.sampler(functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
     if args.dataset == "digits":
         digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
         for nfe in args.nfe_list:
@@ -513,8 +514,7 @@ def main(argv=None):
             with run.autocast:
                 loss, _ = method.loss(model, x1, None, y)
             common.optimize(opt, loss, net, args, 0)
-        fn = common.sampler(method.sample, common.EMA(net, 0.0).model, data, run,
-                            starts(args, run, source))
+        fn = common.sampler(method.sample, common.EMA(net, 0.0).model, data, run, starts(args, run, source))
         result = common.benchmark(run, step, fn, args.nfe_list, args.batch_size)
     else:
         x0 = starts(args, run, source)
