@@ -521,7 +521,7 @@ def parse(argv):
     a("--reflow-pairs", type=int, default=None, help="number of fixed pairs (offline reflow)")
     a("--edit-index", default="0,1", help="two dataset indices for --mode edit")
     a("--edit-noise", type=float, default=0.1, help="noise added to the stitched latent")
-    common.add_common_args(parser, modes=("train", "sample", "eval", "bench", "edit"))
+    common.add_common_args(parser, modes=("train", "sample", "eval", "bench", "edit"), presets=PRESETS)
     args = common.parse_args(parser, argv)
     presets = {k: dict(v, steps=v["rf_steps"]) if args.stage == "rf" else v for k, v in PRESETS.items()}
     args = common.finish_args(args, presets, method=f"asfm-{args.stage}",

@@ -39,6 +39,7 @@ import os
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -2157,10 +2158,22 @@ def one_line_errors(parser):
     return parser
 
 
-def add_common_args(parser, modes=("train", "sample", "eval", "bench")):
+def add_common_args(parser, modes=("train", "sample", "eval", "bench"), presets=None):
     """The flags all four method scripts share, in their own --help group (a script adds its
-    method's group first, so --help lists those first). None defaults are filled by the preset."""
+    method's group first, so --help lists those first). None defaults are filled by the preset;
+    `presets` (the script's PRESETS) are listed at the end of --help."""
     one_line_errors(parser)
+    flag = lambda k, v: ("--" if v is not False else "--no-") + k.replace("_", "-") + (  # noqa: E731
+        "" if isinstance(v, bool) else "\xa0" + (",".join(map(str, v)) if isinstance(v, tuple) else str(v)))
+    parser.epilog = presets and "\n".join(
+        [textwrap.fill("presets: a flag left unset takes its preset's value (--preset defaults to toy for "
+                       "2-D data, cifar10 and celeba64 for those datasets, tiny for other images; digits "
+                       "never flips); the run's first line prints every value in force", 100)]
+        + [textwrap.fill(f"  {name}: " + " ".join(flag(k, v) for k, v in p.items()), 100,
+                         subsequent_indent="      ", break_on_hyphens=False).replace("\xa0", " ")
+           for name, p in presets.items()]
+        + ["  --arch dit: " + "; ".join(f"{name} --width {d['width']} --depth {d['depth']}"
+                                        for name, d in DIT_SIZE.items())])
     a = parser.add_argument_group("flags shared by the four scripts").add_argument
     a("--dataset", default="8gaussians", help=f"one of {IMAGE_DATASETS + TOY_DATASETS}")
     a("--data-dir", default="data", help="dataset root, image folder, or .npy for --dataset points")

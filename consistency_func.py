@@ -420,7 +420,7 @@ def main(argv=None):
                         help="variational (jittered) coordinates when training --arch func")
     group.add_argument("--sample-res", default=None,
                         help="comma list of render sizes for --mode sample/bench (func: any)")
-    common.add_common_args(parser)
+    common.add_common_args(parser, presets=PRESETS)
     parser.set_defaults(grad_clip=None, nfe="1,2")  # from the preset: 0 on images (iCT), 1 on 2-D
     args = common.parse_args(parser, argv)
     func = args.arch in (None, "func")  # the default for images, sized by FUNC

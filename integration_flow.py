@@ -456,7 +456,7 @@ def main(argv=None):
     a("--sigma-data", type=float, default=0.5, help="VE input scaling 1/sqrt(sigma^2+sd^2) [reconstructed]")
     a("--conv-iters", type=int, default=20, help="sampling iterations for the convergence plot")
     a("--n-conv", type=int, default=2000, help="samples for the convergence plot")
-    common.add_common_args(parser)
+    common.add_common_args(parser, presets=PRESETS)
     args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",
                               default_nfe="1,2,4", no_rk45="Integration Flow has no ODE to solve; "
                               "--nfe is the number of anchor iterations", ranges=RANGES, applies=APPLIES)

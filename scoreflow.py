@@ -452,7 +452,7 @@ def parse(argv):
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
     a("--bpd", action="store_true", help="--mode eval: also the likelihood (solved with the last --nfe)")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
-    common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"))
+    common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"), presets=PRESETS)
     args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source")})
     args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8",
                               ranges=RANGES, applies=APPLIES)

@@ -468,8 +468,8 @@ def test_checkpoint_of_another_method_or_run_is_refused(tmp_path):
 
 
 def test_first_line_lists_the_values_in_force(tmp_path, capsys):
-    # issue 22: the presets resolve most defaults, so --help cannot show them; the run's first
-    # line (and log.txt's) does, key=value
+    # issue 22: --help lists each preset's values; the run's first line (and log.txt's) lists
+    # the ones in force, key=value
     asfm.main(["--stage", "rf", "--dataset", "moons", "--steps", "1", "--out-dir", str(tmp_path / "r")])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("asfm-rf --mode train: ")
@@ -2571,6 +2571,13 @@ def test_help_lists_the_method_flags_before_the_shared_ones(script, first, capsy
         MODULES[script].main(["--help"])
     text = capsys.readouterr().out
     assert text.index(f"  {first}") < text.index("flags shared by the four scripts") < text.index("  --dataset")
+    # issue 22: the defaults that presets fill are listed per preset, as flags, as the run uses them
+    listed = {line.split(":")[0].strip(): " ".join(re.split(r"\n  (?=\S)", text[text.index(line):])[0].split())
+              for line in text.splitlines() if re.match(r"  (toy|tiny|cifar10|celeba64): --", line)}
+    assert sorted(listed) == sorted(MODULES[script].PRESETS)
+    tiny = MODULES[script].PRESETS["tiny"]
+    assert f"--width {tiny['width']} " in listed["tiny"] and f"--lr {tiny['lr']} " in listed["tiny"]
+    assert "--ch-mult 1,2 " in listed["tiny"] and " --hflip" in listed["tiny"] and "--no-hflip" in listed["toy"]
 
 
 def test_run_folders_are_named_after_the_script(tmp_path, monkeypatch):
