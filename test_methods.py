@@ -104,6 +104,29 @@ def torchrun(script, args, tmp_path):
 #                                   common.py                                   #
 #################################################################################
 
+def test_a_method_copied_out_needs_only_common_parts_1_to_3():
+    # issue 22: the method classes (losses, sampling rules) use only common.py's first three
+    # parts (networks, samplers, EMA and the optimizer step), which come first in the file; the
+    # rest is this repo's plumbing (data, metrics, runs, CLI) that a copier can leave behind
+    import ast
+    src = open(common.__file__).read()
+    part4 = next(i for i, line in enumerate(src.splitlines(), 1) if re.match(r"#\s+4\. Data\s+#", line))
+    where = {t.id if isinstance(t, ast.Name) else t: n.lineno for n in ast.parse(src).body
+             for t in ([n.name] if hasattr(n, "name") else getattr(n, "targets", []))}
+    classes = {"asfm": ["RectifiedFlow", "TrainingMemory", "ASFM"],
+               "integration_flow": ["IntegrationFlow", "AnchorBank"],
+               "consistency_func": ["ConsistencyTraining"], "scoreflow": ["ScoreFlow"]}
+    seen = set()
+    for script, names in classes.items():
+        tree = ast.parse(open(MODULES[script].__file__).read())
+        for node in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names):
+            used = {a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute)
+                    and isinstance(a.value, ast.Name) and a.value.id == "common"}
+            assert all(where[u] < part4 for u in used), (script, node.name, sorted(used))
+            seen |= used
+    assert {"integrate", "FuncGenerator"} <= seen and 300 < part4 < 800  # a few hundred lines
+
+
 # ---- networks ------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["unet", "ddpmpp", "dit"])
