@@ -363,10 +363,10 @@ def train(args, run, data, net):
     if local is not None:
         memory.load_state_dict(local)
     digits = None
-    if memory is not None and run.master:  # the drift monitor's reference values, on a copy of
-        # the RNG (building its classifier draws weights), so that training draws the same numbers
-        # with or without it, fresh or resumed
-        with torch.random.fork_rng(devices=[]):
+    if memory is not None and run.master:  # the drift monitor's reference values; building its
+        # classifier draws weights: a resumed run does it on a copy of the RNG, so that it draws
+        # what the uninterrupted run drew after the checkpoint (a fresh run on the live RNG)
+        with torch.random.fork_rng(devices=[]) if start else nullcontext():
             n = min(512, args.mem_size * B)
             real = (data.x if data.x is not None else next(iter(common.ResumableBatches(data, n, run)))[0])[:n]
             ref = f"data mean {real.mean():.3f} std {real.std():.3f}"
