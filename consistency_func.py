@@ -278,7 +278,7 @@ def noise_correlation(net, method, shape, n=500, batch=250, device="cpu"):
 #                                 Training loop                                 #
 #################################################################################
 
-def train(args, run, data, net, method):
+def train(args, run, data, net, method, sample):
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)  # iCT: RAdam
     batches = common.ResumableBatches(data, run.local_batch, run, args.seed, 0, args.workers)
@@ -299,7 +299,6 @@ def train(args, run, data, net, method):
     if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
         run.save(0, net=net, ema=ema, opt=opt)
     stream = iter(batches)
-    sample = method.sample_ode if args.sampler == "edm" else method.sample  # iCT's, or the denoiser's ODE
     fn = common.sampler(sample, ema.model, data, run)  # for --sample-every / --eval-every
     for step in range(start, pretrain + args.steps):
         if step == pretrain and pretrain:
@@ -458,7 +457,7 @@ def main(argv=None):
     sample = method.sample_ode if args.sampler == "edm" else method.sample  # iCT's, or the denoiser's ODE
     fn = common.sampler(sample, net.train(args.mode == "train"), data, run)  # eval mode unless training
     if args.mode == "train":
-        train(args, run, data, net, method)
+        train(args, run, data, net, method, sample)
     elif args.mode == "sample":
         common.write_samples(args, data, fn, run)
         if args.arch == "func" and args.sampler == "cm":  # renders come from iCT's sampler
