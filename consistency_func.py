@@ -419,12 +419,13 @@ def main(argv=None):
                         help="variational (jittered) coordinates when training --arch func")
     group.add_argument("--sample-res", default=None,
                         help="comma list of render sizes for --mode sample/bench (func: any)")
-    common.add_common_args(parser, presets=PRESETS)
+    func_presets = {k: dict(v, arch="func", **FUNC[k]) if k in FUNC else v for k, v in PRESETS.items()}
+    common.add_common_args(parser, presets=func_presets)  # --help lists the default, --arch func
+    parser.epilog += "\n  --arch unet: " + "; ".join(f"{k} --width {PRESETS[k]['width']} --depth {PRESETS[k]['depth']}"
+                                                    for k in FUNC)
     parser.set_defaults(grad_clip=None, nfe="1,2")  # from the preset: 0 on images (iCT), 1 on 2-D
     args = common.parse_args(parser, argv)
-    func = args.arch in (None, "func")  # the default for images, sized by FUNC
-    presets = {k: dict(v, arch="func", **FUNC[k]) if func and k in FUNC else v
-               for k, v in PRESETS.items()}
+    presets = func_presets if args.arch in (None, "func") else PRESETS  # func: the default for images
     args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
                               archs=common.ARCHS, no_rk45="a consistency model has no ODE to solve; "
                               "--nfe is the number of model steps (1 or more)", ranges=RANGES, applies=APPLIES)

@@ -2598,7 +2598,7 @@ def test_help_lists_the_method_flags_before_the_shared_ones(script, first, capsy
     listed = {line.split(":")[0].strip(): " ".join(re.split(r"\n  (?=\S)", text[text.index(line):])[0].split())
               for line in text.splitlines() if re.match(r"  (toy|tiny|cifar10|celeba64): --", line)}
     assert sorted(listed) == sorted(MODULES[script].PRESETS)
-    tiny = MODULES[script].PRESETS["tiny"]
+    tiny = {**MODULES[script].PRESETS["tiny"], **getattr(MODULES[script], "FUNC", {}).get("tiny", {})}  # CM: func
     assert f"--width {tiny['width']} " in listed["tiny"] and f"--lr {tiny['lr']} " in listed["tiny"]
     assert "--ch-mult 1,2 " in listed["tiny"] and " --hflip" in listed["tiny"] and "--no-hflip" in listed["toy"]
 
