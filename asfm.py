@@ -204,7 +204,8 @@ class ASFM:
             (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
             r1 = grad.float().pow(2).flatten(1).sum(1).mean()
             loss = loss + 0.5 * self.r1 * r1
-        return loss, {"d": loss.detach(), "r1": r1.detach()}
+        acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) / 2  # D's accuracy
+        return loss, {"d": loss.detach(), "r1": r1.detach(), "d_acc": acc.detach()}
 
     def train_step(self, net, D, opt_d, memory, real, update, generate=None, autocast=nullcontext(),
                    world=1):
@@ -225,19 +226,20 @@ class ASFM:
         return loss, {**logs, **logs_d}
 
 
-def memory_quality(memory, digits=None, n=512):
+def memory_quality(memory, small=None, n=512):
     """Drift check of the loop that feeds on itself: the newest memory samples x1' (the newest
     batches, up to n samples). mem_mean / mem_std: mean and std of all their values (contrast;
-    the spread of 2-D points), to compare with the data's, printed at start; on digits also
-    mem_fd, their digits-FD against the held-out digits (printed with n real training digits'
-    score, the floor at this sample size). Without the adversarial term the memory drifts: its
-    samples lose contrast and mem_fd climbs while the training loss stays small."""
+    the spread of 2-D points), to compare with the data's, printed at start; on digits and
+    photos also mem_fd, their digits-FD / photos-FD (`small`, a common.ClassifierFD) against the
+    held-out split (printed with n real training images' score, the floor at this sample size).
+    Without the adversarial term the memory drifts: its samples lose contrast and mem_fd climbs
+    while the training loss stays small."""
     k = min(memory.filled, max(1, n // memory.z.shape[1]))
     newest = [(memory.oldest - 1 - i) % len(memory.z) for i in range(k)]  # oldest = next to write
     x = memory.x1[newest].flatten(0, 1)
     out = {"mem_mean": x.mean(), "mem_std": x.std()}
-    if digits is not None:
-        out["mem_fd"] = digits.report(x)["digits_fd"]
+    if small is not None:
+        out["mem_fd"] = small.report(x)[f"{small.name}_fd"]
     return out
 
 
@@ -355,6 +357,10 @@ def train(args, run, data, net):
         D = make_discriminator(data.shape, args.width).to(run.device)
         opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.0, 0.99))
         memory = TrainingMemory(args.mem_size, B, data.shape, run.device)
+        pairs = args.mem_size * B * run.world
+        run.print(f"training memory: {args.mem_size} batches x {B * run.world} = {pairs} pairs for "
+                  f"{len(data)} training examples ({pairs / len(data):.2f}x; the authors' rule: "
+                  "slightly more than the data set)")
         generate = generator(net, data.shape, args.mem_nfe, run.device, run.train_precision)
         state.update(D=D, opt_d=opt_d)
     start, _, local = run.resume(**state)
@@ -362,7 +368,7 @@ def train(args, run, data, net):
         memory.refresh(generate)  # a fresh run fills the memory; a resumed one reloads it
     if local is not None:
         memory.load_state_dict(local)
-    digits = None
+    small = None
     if memory is not None and run.master:  # the drift monitor's reference values; building its
         # classifier draws weights: a resumed run does it on a copy of the RNG, so that it draws
         # what the uninterrupted run drew after the checkpoint (a fresh run on the live RNG)
@@ -370,9 +376,9 @@ def train(args, run, data, net):
             n = min(512, args.mem_size * B)
             real = (data.x if data.x is not None else next(iter(common.ResumableBatches(data, n, run)))[0])[:n]
             ref = f"data mean {real.mean():.3f} std {real.std():.3f}"
-            if args.dataset == "digits":
-                digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
-                ref += f", {n} training digits' digits-FD {digits.report(real)['digits_fd']:.1f}"
+            if args.dataset in common.CLASSIFIER_FD:
+                small = common.ClassifierFD(args.dataset, args.image_size, common.fid_cache_dir(args), run.device)
+                ref += f", {n} training images' {args.dataset}-FD {small.report(real)[f'{args.dataset}_fd']:.1f}"
         run.print(f"memory monitor (mem_* in the log: the newest {n} memory samples): {ref}")
     model = run.wrap(net)
     batches = lambda d, seed: iter(common.ResumableBatches(d, B, run, seed, start, args.workers))  # noqa: E731
@@ -404,7 +410,7 @@ def train(args, run, data, net):
         ema.update(net, step)
         if memory is not None and run.master and (run.due(step + 1, args.log_every)
                                                   or step + 1 == args.steps):  # drift monitor
-            logs.update(memory_quality(memory, digits))
+            logs.update(memory_quality(memory, small))
         run.log(step + 1, loss, **logs)
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             run.save(step + 1, local=memory.state_dict() if memory is not None else None, **state)

@@ -11,11 +11,12 @@ needs (a network, a sampler, EMA and the optimizer step), the rest is this repo'
       FuncGenerator (INR image functions, built by consistency_func.py)
   2.  ODE samplers: Euler and Dormand-Prince RK45 (forward and backward in t), straightness
   3.  EMA (with warm-up) and the optimizer step (clipping, warmup)
-  4.  Data: cifar10, celeba, digits, image folders, 2-D toys, a user's points; resumable batches
+  4.  Data: cifar10, celeba, digits, photos, image folders, 2-D toys, a user's points;
+      resumable batches
   5a. FID Inception: the TF graph of the FID paper, as in pytorch-fid (imports torchvision
       only when built)
   5b. FID, Inception Score, precision and recall; 2-D distances
-  5c. digits-FD: a Frechet distance on a small digit classifier (no Inception needed)
+  5c. digits-FD, photos-FD: Frechet distances on small classifiers (no Inception needed)
   6.  Training plumbing: Run (device, bf16, TF32, DDP; logging and NaN guard; atomic
       checkpoints and exact resume), run-folder locks, memory checks
   7.  Samples, images and benchmarks: the one sampling interface, grids, sample export,
@@ -879,11 +880,11 @@ def load_data(args, name=None, data_dir=None, train=True):
         x = torch.from_numpy(_points_npy(root)).float()
         return Data("points", (2,), 0, x=x, y=torch.zeros(len(x), dtype=torch.long))
     size = args.image_size
-    if name == "digits":
-        x, y = _digits(size, train)
-        return Data(name, tuple(x.shape[1:]), 10, dataset=IndexedDataset(LabelledTensors(x, y)),
-                    x=x, y=y)
-    import torchvision  # image files only (2-D runs and digits never import it)
+    if name in CLASSIFIER_FD:  # digits, photos: in memory
+        x, y = CLASSIFIER_FD[name]["load"](size, train)
+        return Data(name, tuple(x.shape[1:]), CLASSIFIER_FD[name]["classes"],
+                    dataset=IndexedDataset(LabelledTensors(x, y)), x=x, y=y)
+    import torchvision  # image files only (2-D runs, digits and photos never import it)
     if name == "cifar10":
         tf = _image_transform(size)
         try:
@@ -939,6 +940,40 @@ def _digits(size, train=True):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     keep = order[:DIGITS_TRAIN] if train else order[DIGITS_TRAIN:]
     return x[keep].clamp(-1, 1).contiguous(), y[keep].contiguous()
+
+
+def _photos(size, train=True):
+    """size x size RGB patches of scikit-learn's two bundled photographs (china.jpg and
+    flower.jpg, 427x640, no download), in [-1, 1]. Each photo is cut into 2size x 2size blocks
+    (13 x 20 at size 16); a block gives its four size x size patches and itself downsampled 2x
+    (2x2 average), so detail of two scales. Label: photo x a 3x3 grid of regions (18 classes: a
+    patch of sky, roof, trees or water; petals, leaves or background). A fixed permutation (seed
+    0) holds out a fifth of the blocks whole (520 patches at size 16; 2080 train), so no held-out
+    pixel is in the training set."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        raise UserError("--dataset photos reads scikit-learn's two bundled sample photographs: "
+                        "pip install scikit-learn") from None
+    photos = load_sample_images().images  # two (427, 640, 3) uint8
+    if size is None or not 4 <= 2 * size <= min(min(p.shape[:2]) for p in photos):
+        raise UserError(f"--image-size {size}: photos are 427x640, use --image-size 4 to 213")
+    b, blocks, labels = 2 * size, [], []
+    for k, photo in enumerate(photos):
+        x = torch.from_numpy(np.array(photo)).permute(2, 0, 1).float().div(127.5).sub(1)
+        rows, cols = x.shape[1] // b, x.shape[2] // b
+        x = x[:, : rows * b, : cols * b].unfold(1, b, b).unfold(2, b, b)  # (3, rows, cols, b, b)
+        blocks.append(x.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, b, b))
+        row, col = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
+        labels.append(9 * k + 3 * (3 * row // rows) + 3 * col // cols)
+    blocks, labels = torch.cat(blocks), torch.cat(labels)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
+    keep = order[len(blocks) // 5:] if train else order[: len(blocks) // 5]
+    blocks, labels = blocks[keep], labels[keep]
+    quads = blocks.unfold(2, size, size).unfold(3, size, size)  # (n, 3, 2, 2, size, size)
+    quads = quads.permute(0, 2, 3, 1, 4, 5).reshape(len(blocks), 4, 3, size, size)
+    x = torch.cat([quads, F.avg_pool2d(blocks, 2)[:, None]], 1).flatten(0, 1)  # 5 patches a block
+    return x.clamp(-1, 1).contiguous(), labels.repeat_interleave(5).contiguous()
 
 
 class LabelledTensors(torch.utils.data.Dataset):
@@ -1295,73 +1330,107 @@ def toy_metrics(samples, reference):
 
 
 #################################################################################
-#       5c. digits-FD: a Frechet distance for --dataset digits (no Inception)   #
+#   5c. digits-FD and photos-FD: Frechet distances with no Inception download   #
 #################################################################################
 
-class DigitsClassifier(nn.Module):
-    """A small CNN for the digits; its 64-d penultimate layer plays Inception's pool3."""
+class FDClassifier(nn.Module):
+    """A small CNN whose 64-d penultimate layer plays Inception's pool3; `degradations` > 0 adds
+    a second head that names how a patch was degraded (photos: clean, blurred, noisy)."""
 
-    def __init__(self):
+    def __init__(self, channels=1, classes=10, degradations=0):
         super().__init__()
         conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]  # noqa: E731
-        self.features = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
-                                      nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 64),
-                                      nn.ReLU())
-        self.head = nn.Linear(64, 10)
+        self.features = nn.Sequential(*conv(channels, 32), *conv(32, 32), nn.MaxPool2d(2),
+                                      *conv(32, 64), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                      nn.Linear(64 * 16, 64), nn.ReLU())
+        self.head = nn.Linear(64, classes)
+        self.degradation = nn.Linear(64, degradations) if degradations else None
 
     def forward(self, x):
         return self.head(self.features(x))
 
 
-def train_digits_classifier(size, epochs=30, seed=0):
-    """Adam on the 1500 training digits with +-1 pixel shifts; its own RNG, so training it in the
+def _blur(x, sigma):
+    """Separable 5-tap Gaussian blur, reflect-padded."""
+    k = torch.exp(-torch.arange(-2, 3, dtype=x.dtype) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, 5)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="reflect"), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+
+
+def degrade(x, kind, generator=None):
+    """Per image: kind 0 clean, 1 / 2 Gaussian blur (sigma 0.6 / 1.2 pixels), 3 / 4 Gaussian
+    noise (std 0.05 / 0.15): the photos classifier's second task."""
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    out = torch.stack([x, _blur(x, 0.6), _blur(x, 1.2), x + 0.05 * noise, x + 0.15 * noise])
+    return out[kind, torch.arange(len(x))]
+
+
+def train_fd_classifier(name, size, epochs=30, seed=0):
+    """Adam on the training split with +-1 pixel shifts; its own RNG, so training it in the
     middle of a run changes none of the run's random draws. In float64, so that the cached
     classifier (the yardstick of every digits-FD) comes out the same on any CPU and thread count
-    (float32 training drifts: floors 19.8 to 20.9 on the machines we tried). Returns (net,
-    held-out accuracy); the net is float32."""
-    x, y = _digits(size, train=True)
+    (float32 training drifts: floors 19.8 to 20.9 on the machines we tried). Photos add random
+    flips and the degradation task: 4 in 10 patches blurred or noisy, named by a second head, so
+    that the features see sharpness and not only content (trained on regions alone, they scored a
+    3x3 box blur of the training patches at 1.1x the floor). Returns (net, held-out accuracy of
+    the class head); the net is float32."""
+    spec = CLASSIFIER_FD[name]
+    x, y = spec["load"](size, train=True)
     x = x.double()
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = DigitsClassifier().double()
+        net = FDClassifier(x.shape[1], spec["classes"], spec["degradations"]).double()
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         for _ in range(epochs):
             for b in torch.randperm(len(x), generator=g).split(50):
                 dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
-                loss = F.cross_entropy(net(x[b].roll((dx, dy), (2, 3))), y[b])
+                xb = x[b].roll((dx, dy), (2, 3))
+                if not spec["degradations"]:
+                    loss = F.cross_entropy(net(xb), y[b])
+                else:
+                    xb = torch.where(torch.rand(len(b), 1, 1, 1, generator=g, dtype=x.dtype) < 0.5,
+                                     xb.flip(3), xb)
+                    kind = (torch.randint(0, 10, (len(b),), generator=g) - 5).clamp(min=0)
+                    f = net.features(degrade(xb, kind, g))
+                    loss = F.cross_entropy(net.head(f), y[b]) + F.cross_entropy(net.degradation(f), kind)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-    xt, yt = _digits(size, train=False)
+    xt, yt = spec["load"](size, train=False)
     net = net.float().eval()
     with torch.no_grad():
         acc = (net(xt).argmax(1) == yt).float().mean().item()
     return net, acc
 
 
-class DigitsFD:
-    """digits-FD: the Frechet distance between DigitsClassifier features of samples and of the
-    297 held-out digits, plus the classifier's mean confidence (max softmax) on the samples and
-    their class coverage (classes, of 10, that get at least 1% of the samples). The classifier
-    is trained once per image size and cached as cache_dir/digits_classifier-<size>.pt.
-    floor: the 1500 training digits vs the held-out ones (what a perfect model scores, up to
-    sample size); ceiling: N(0, I) noise clipped to [-1, 1]."""
+class ClassifierFD:
+    """digits-FD / photos-FD: the Frechet distance between FDClassifier features of samples and
+    of the held-out split, plus the classifier's mean confidence (max softmax) on the samples and
+    their class coverage (classes that get at least 1% of the samples). The classifier is
+    trained once per dataset and image size and cached as cache_dir/<name>_classifier-<size>.pt.
+    floor: the training split vs the held-out one (what a perfect model scores, up to sample
+    size); ceiling: N(0, I) noise clipped to [-1, 1]."""
 
-    def __init__(self, size, cache_dir, device="cpu"):
-        path = os.path.join(cache_dir, f"digits_classifier-{size}.pt")
-        self.net = DigitsClassifier()
+    def __init__(self, name, size, cache_dir, device="cpu"):
+        spec = CLASSIFIER_FD[name]
+        path = os.path.join(cache_dir, f"{name}_classifier-{size}.pt")
+        # built before the cache is read, so that a run draws the same initial weights from the
+        # global RNG whether the classifier is cached or trained now (in its own RNG)
+        self.net = FDClassifier(spec["channels"], spec["classes"], spec["degradations"])
         state = load_checkpoint(path) if os.path.isfile(path) else {}
         if state.get("trained_in") == "float64":
-            load_state(self.net, state["net"], "digits classifier", path)
+            load_state(self.net, state["net"], f"{name} classifier", path)
             self.accuracy = state["accuracy"]
         else:  # none yet, or one cached by an older version (float32-trained, machine-dependent)
-            self.net, self.accuracy = train_digits_classifier(size)
+            self.net, self.accuracy = train_fd_classifier(name, size)
             save_atomic({"net": self.net.state_dict(), "accuracy": self.accuracy,
                          "trained_in": "float64"}, path)
         self.net = self.net.to(device).eval()
-        self.size, self.device, self.cache_dir = size, device, cache_dir
-        self.ref = feature_stats(self.features(_digits(size, train=False)[0])[0])
+        self.name, self.size, self.device, self.cache_dir = name, size, device, cache_dir
+        self.shape = (spec["channels"], size, size)
+        self.ref = feature_stats(self.features(spec["load"](size, train=False)[0])[0])
 
     @torch.no_grad()
     def features(self, x):
@@ -1374,22 +1443,31 @@ class DigitsFD:
         return self.features(x)[1].argmax(1)
 
     def report(self, x, ref=None):
-        """digits-FD against the held-out digits (or against the images `ref`), confidence,
+        """<name>_fd against the held-out split (or against the images `ref`), confidence,
         coverage."""
-        if tuple(x.shape[1:]) != (1, self.size, self.size):
-            raise UserError(f"digits-FD needs (N, 1, {self.size}, {self.size}) images, got "
-                            f"{tuple(x.shape)}")
+        if tuple(x.shape[1:]) != self.shape:
+            raise UserError(f"{self.name}-FD needs (N, {', '.join(map(str, self.shape))}) images, "
+                            f"got {tuple(x.shape)}")
         f, p = self.features(x)
-        share = torch.bincount(p.argmax(1), minlength=10).double() / len(x)
+        share = torch.bincount(p.argmax(1), minlength=p.shape[1]).double() / len(x)
         ref = self.ref if ref is None else feature_stats(self.features(ref)[0])
-        return {"digits_fd": frechet_distance(*feature_stats(f), *ref),
+        return {f"{self.name}_fd": frechet_distance(*feature_stats(f), *ref),
                 "confidence": p.max(1).values.mean().item(),
                 "coverage": int((share >= 0.01).sum())}
 
     def floor_and_ceiling(self, n=1000):
-        noise = torch.randn(n, 1, self.size, self.size, generator=torch.Generator().manual_seed(0))
-        return (self.report(_digits(self.size, train=True)[0])["digits_fd"],
-                self.report(noise.clamp(-1, 1))["digits_fd"])
+        noise = torch.randn(n, *self.shape, generator=torch.Generator().manual_seed(0))
+        train = CLASSIFIER_FD[self.name]["load"](self.size, train=True)[0]
+        return self.report(train)[f"{self.name}_fd"], self.report(noise.clamp(-1, 1))[f"{self.name}_fd"]
+
+
+# datasets scored by their own small classifier instead of Inception (both from scikit-learn)
+CLASSIFIER_FD = {
+    "digits": dict(load=_digits, channels=1, classes=10, degradations=0,
+                   split=f"{DIGITS_TRAIN} train vs 297 held-out digits"),
+    "photos": dict(load=_photos, channels=3, classes=18, degradations=5,
+                   split="2080 train vs 520 held-out patches at size 16"),
+}
 
 
 #################################################################################
@@ -1572,7 +1650,7 @@ def data_shape(args):
     """The shape of one example, known from the flags alone: (2,) or (C, H, W)."""
     if not args.is_image:
         return (2,)
-    return (1 if args.dataset == "digits" else 3, args.image_size, args.image_size)
+    return (CLASSIFIER_FD.get(args.dataset, {}).get("channels", 3), args.image_size, args.image_size)
 
 
 def estimate_params(args, shape):
@@ -1867,7 +1945,7 @@ class Run(RunDevice, RunLog, RunCheckpoints):
             check_written_by(args)
         check_sizes(args, self.device, self.local_batch)
         if (args.mode == "train" and (args.eval_every or 0) > 0 and args.is_image
-                and args.dataset != "digits"):  # fail now, not at the first evaluation hours in
+                and args.dataset not in CLASSIFIER_FD):  # fail now, not at the first evaluation hours in
             load_fid_inception("cpu", args.inception_weights)
         if self.master:  # every folder this run writes to, checked before any work
             writable_folder(args.out_dir, "--out-dir")
@@ -2046,11 +2124,11 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
     from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}."""
     results, n = {}, n or args.fid_n
-    if args.dataset == "digits":  # no Inception: a small digit classifier's features
-        digits = DigitsFD(args.image_size, fid_cache_dir(args), run.device)
-        floor, ceiling = digits.floor_and_ceiling()
-        run.print(f"digits-FD floor {floor:.4g} (1500 train vs 297 held-out digits), noise "
-                  f"ceiling {ceiling:.4g}; samples are scored against the held-out digits")
+    if args.dataset in CLASSIFIER_FD:  # no Inception: a small classifier's features
+        small = ClassifierFD(args.dataset, args.image_size, fid_cache_dir(args), run.device)
+        floor, ceiling = small.floor_and_ceiling()
+        run.print(f"{args.dataset}-FD floor {floor:.4g} ({CLASSIFIER_FD[args.dataset]['split']}), "
+                  f"noise ceiling {ceiling:.4g}; samples are scored against the held-out split")
     elif data.is_image:
         inception = load_fid_inception(run.device, args.inception_weights)
         name = f"{args.dataset}-{args.image_size}"
@@ -2061,8 +2139,8 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
         x, used = sample_in_batches(sample_fn, n, nfe, args.batch_size, run.print)
-        if args.dataset == "digits":
-            m = digits.report(x)
+        if args.dataset in CLASSIFIER_FD:
+            m = small.report(x)
         else:
             m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
         m.update(nfe=used, n=len(x), weights=args.weights, precision=run.eval_precision)
@@ -2116,7 +2194,7 @@ def benchmark(run, train_step, sample_fn, nfes, batch, iters=10, warmup=2):
 
 TOY_DATASETS = ("8gaussians", "moons", "checkerboard", "spirals", "circles",
                 "tri-src", "tri-tgt", "points")
-IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits")
+IMAGE_DATASETS = ("cifar10", "celeba", "folder", "digits", "photos")
 ARCHS = ("mlp", "unet", "ddpmpp", "dit", "func")
 
 # Network sizes and training recipes. A method file copies these and overrides what its
@@ -2432,10 +2510,10 @@ APPLIES = {
     "hflip": (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)"),
     "image_size": (lambda a: a.is_image, "image data"),
     "channels_last": (lambda a: a.is_image, "image data"),
-    "workers": (lambda a: a.is_image and a.dataset != "digits",
-                "image files (2-D data and digits are indexed in memory)"),
-    "inception_weights": (lambda a: a.is_image and a.dataset != "digits",
-                          "FID on image data (digits are scored by their own classifier)"),
+    "workers": (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
+                "image files (2-D data, digits and photos are indexed in memory)"),
+    "inception_weights": (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
+                          "FID on image data (digits and photos are scored by their own classifiers)"),
     "amp": (lambda a: a.mode in ("train", "bench"), "training (sampling runs in --eval-amp)"),
     "resume": (lambda a: a.mode == "train", "--mode train"),
     "overwrite": (lambda a: a.mode == "train", "--mode train"),

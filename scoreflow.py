@@ -330,19 +330,20 @@ def image_fid(args, run, fake, real):
 
 @torch.no_grad()
 def class_fidelity(args, run, data, net, method, x0=None):
-    """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits, the
-    fraction of samples of each class that the digit classifier reads as that class (CFG)."""
+    """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits (and
+    photos), the fraction of samples of each class that the dataset's classifier reads as that
+    class (CFG)."""
     n = max(100, args.fid_n // method.num_classes)
 
     def sample_fn(n, nfe, c):  # n samples, all of class c
         return common.sampler(functools.partial(method.sample, y=c), net, data, run, x0)(n, nfe)
-    if args.dataset == "digits":
-        digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
+    if args.dataset in common.CLASSIFIER_FD:
+        small = common.ClassifierFD(args.dataset, args.image_size, common.fid_cache_dir(args), run.device)
         for nfe in args.nfe_list:
-            acc = [(digits.predict(sample_fn(n, nfe, c)[0]) == c).float().mean().item()
+            acc = [(small.predict(sample_fn(n, nfe, c)[0]) == c).float().mean().item()
                    for c in range(method.num_classes)]
             run.print(f"eval nfe={nfe}: class accuracy {sum(acc) / len(acc):.4g} (cfg {args.cfg}, "
-                      f"{n} samples per class, read by the digit classifier)")
+                      f"{n} samples per class, read by the {args.dataset} classifier)")
         return
     for nfe in args.nfe_list:
         sw2 = [common.sliced_wasserstein(sample_fn(n, nfe, c)[0].cpu(), draw(data, n, c, 12345)[0])
@@ -407,11 +408,11 @@ def translate_cli(args, run, data):
         if data.is_image:
             mse = (x_b - x_a).pow(2).flatten(1).mean(1)
             m["psnr_to_source"] = (10 * torch.log10(4 / mse)).mean().item()  # peak-to-peak 2
-        if args.dataset == "digits":  # target-class digits-FD and how many read as that class
-            digits = common.DigitsFD(args.image_size, common.fid_cache_dir(args), run.device)
-            m["digits_fd_to_target"] = digits.report(x_b.cpu(), ref)["digits_fd"]
+        if args.dataset in common.CLASSIFIER_FD:  # target-class FD, how many read as that class
+            small = common.ClassifierFD(args.dataset, args.image_size, common.fid_cache_dir(args), run.device)
+            m[f"{args.dataset}_fd_to_target"] = small.report(x_b.cpu(), ref)[f"{args.dataset}_fd"]
             if args.tgt_class is not None:
-                m["read_as_target"] = (digits.predict(x_b) == args.tgt_class).float().mean().item()
+                m["read_as_target"] = (small.predict(x_b) == args.tgt_class).float().mean().item()
         elif data.is_image:
             m["fid_to_target"] = image_fid(args, run, x_b.cpu(), ref)
         else:
@@ -523,7 +524,7 @@ def main(argv=None):
             common.write_samples(args, data, fn, run)
         else:
             result = common.evaluate(args, run, data, fn)
-            if cond and (not data.is_image or args.dataset == "digits"):
+            if cond and (not data.is_image or args.dataset in common.CLASSIFIER_FD):
                 class_fidelity(args, run, data, net, method, x0)
             with run.sampling():
                 reversibility(args, run, data, source, net, method)

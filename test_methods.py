@@ -380,6 +380,31 @@ def test_digits_without_scikit_learn_is_one_line_error(monkeypatch):
         common.load_data(make_args(["--dataset", "digits"]))
 
 
+def test_photos_are_patches_of_the_two_photographs_split_by_whole_blocks():
+    from sklearn.datasets import load_sample_images
+    args = make_args(["--dataset", "photos"])
+    assert (args.preset, args.image_size, args.hflip) == ("tiny", 16, True)
+    train, held = common.load_data(args), common.load_data(args, train=False)
+    assert train.shape == (3, 16, 16) and train.num_classes == 18
+    assert (len(train), len(held)) == (2080, 520) and set(train.y.tolist()) == set(range(18))
+    assert train.x.min() >= -1 and train.x.max() <= 1
+    # by hand: the first training block is block order[104] of the 2 x 13 x 20 blocks of 32x32
+    # pixels; its 5 patches are the four 16x16 quarters and the block's 2x2 average
+    photos = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 127.5 - 1
+              for p in load_sample_images().images]
+    k = int(torch.randperm(520, generator=torch.Generator().manual_seed(0))[104])
+    photo, (row, col) = k // 260, divmod(k % 260, 20)
+    block = photos[photo][:, 32 * row: 32 * row + 32, 32 * col: 32 * col + 32]
+    quarters = [block[:, i:i + 16, j:j + 16] for i in (0, 16) for j in (0, 16)]
+    assert all(torch.equal(train.x[q], quarters[q]) for q in range(4))
+    assert torch.allclose(train.x[4], block.view(3, 16, 2, 16, 2).mean((2, 4)), atol=1e-6)
+    assert (train.y[:5] == 9 * photo + 3 * (3 * row // 13) + 3 * col // 20).all()
+    # held-out blocks are whole: no held-out patch is a training patch
+    assert not (held.x.flatten(1)[:, None] == train.x.flatten(1)[None]).all(-1).any()
+    with pytest.raises(common.UserError, match="--image-size 4 to 213"):
+        common.load_data(make_args(["--dataset", "photos", "--image-size", "300"]))
+
+
 def test_resumable_batches_cover_epoch_and_restart_midway():
     args = make_args(["--dataset", "moons", "--batch-size", "100", "--device", "cpu"])
     run = common.Run(args)
@@ -970,7 +995,7 @@ def test_fid_report_same_images(tmp_path):
 @pytest.fixture(scope="module")
 def digits_fd(tmp_path_factory):
     """The digit classifier, trained once for these tests in a temporary cache folder."""
-    return common.DigitsFD(16, str(tmp_path_factory.mktemp("digits-cache")))
+    return common.ClassifierFD("digits", 16, str(tmp_path_factory.mktemp("digits-cache")))
 
 
 def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp_path_factory):
@@ -988,22 +1013,40 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
     # deterministic: the cached classifier gives the same number in a fresh scorer
     cache = os.path.dirname(next(p for p in tmp_path_factory.getbasetemp().rglob(
         "digits_classifier-16.pt")))
-    again = common.DigitsFD(16, cache)
+    again = common.ClassifierFD("digits", 16, cache)
     assert again.report(F.avg_pool2d(train, 3, 1, 1))["digits_fd"] == blurred
     with pytest.raises(common.UserError, match=r"\(N, 1, 16, 16\)"):
         digits_fd.report(torch.zeros(4, 3, 16, 16))
 
 
+def test_photos_fd_sees_blur_noise_and_collapse(tmp_path):
+    """photos-FD's classifier names a patch's region and its degradation: so blurred or noisy
+    real patches, or patches of one photo only, score well above the floor (trained on regions
+    alone, a 3x3 box blur scored 1.1x the floor)."""
+    fd = common.ClassifierFD("photos", 16, str(tmp_path))
+    train, held = common._photos(16)[0], common._photos(16, train=False)[0]
+    assert fd.accuracy > 0.3  # 18 regions, many alike (sky, background): chance is 0.06
+    floor, ceiling = fd.floor_and_ceiling()
+    assert 0 < floor < 100 and ceiling > 50 * floor
+    box = fd.report(F.avg_pool2d(train, 3, 1, 1, count_include_pad=False))["photos_fd"]
+    noisy = fd.report(train + 0.05 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0)))
+    one_photo = fd.report(train[common._photos(16)[1] < 9])
+    assert box > 3 * floor and noisy["photos_fd"] > 3 * floor and one_photo["photos_fd"] > 3 * floor
+    assert one_photo["coverage"] <= 12 and fd.report(held)["coverage"] >= 16
+    with pytest.raises(common.UserError, match=r"\(N, 3, 16, 16\)"):
+        fd.report(torch.zeros(4, 1, 16, 16))
+
+
 def test_digits_classifier_cached_by_an_older_version_is_retrained(tmp_path, monkeypatch):
     """A cache written before the float64 classifier (no 'trained_in') would silently score
     with an old, machine-dependent yardstick: it is retrained and overwritten instead."""
-    old = {"net": common.DigitsClassifier().state_dict(), "accuracy": 0.5}
+    old = {"net": common.FDClassifier().state_dict(), "accuracy": 0.5}
     common.save_atomic(old, str(tmp_path / "digits_classifier-16.pt"))
     trained = []
-    monkeypatch.setattr(common, "train_digits_classifier",
-                        lambda size: trained.append(size) or (common.DigitsClassifier(), 0.97))
-    assert common.DigitsFD(16, str(tmp_path)).accuracy == 0.97 and trained == [16]
-    assert common.DigitsFD(16, str(tmp_path)).accuracy == 0.97 and trained == [16]  # now cached
+    monkeypatch.setattr(common, "train_fd_classifier",
+                        lambda name, size: trained.append(size) or (common.FDClassifier(), 0.97))
+    assert common.ClassifierFD("digits", 16, str(tmp_path)).accuracy == 0.97 and trained == [16]
+    assert common.ClassifierFD("digits", 16, str(tmp_path)).accuracy == 0.97 and trained == [16]  # cached
 
 
 def test_digits_classifier_does_not_depend_on_the_thread_count():
@@ -1015,7 +1058,7 @@ def test_digits_classifier_does_not_depend_on_the_thread_count():
         nets = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            nets.append(common.train_digits_classifier(16, epochs=1)[0].state_dict())
+            nets.append(common.train_fd_classifier("digits", 16, epochs=1)[0].state_dict())
     finally:
         torch.set_num_threads(threads)
     for k, v in nets[0].items():
