@@ -1783,7 +1783,8 @@ def test_bench_ratio_is_the_ratio_of_the_two_timed_steps(tmp_path, capsys):
     ms = [float(m) for m in re.findall(r"bench train: [\d.]+ steps/s \(([\d.]+) ms/step", out)]
     ratio = float(re.search(r"bench ratio: Integration Flow step / RF step = ([\d.]+)x", out).group(1))
     assert len(ms) == 2 and all(m > 0 for m in ms)  # Integration Flow first, then plain RF
-    assert ratio == pytest.approx(ms[0] / ms[1], rel=0.05, abs=0.01)  # printed to 0.1 ms and 0.01x
+    # each time is printed to 0.1 ms (sub-millisecond steps: up to 20% off), the ratio to 0.01x
+    assert (ms[0] - 0.05) / (ms[1] + 0.05) - 0.01 <= ratio <= (ms[0] + 0.05) / max(ms[1] - 0.05, 1e-9) + 0.01
 
 
 @pytest.mark.parametrize("flags,msg", [
@@ -2272,7 +2273,7 @@ def test_beta_zero_is_exactly_rectified_flow():
     x0 = torch.randn_like(x1)
     t = 1e-3 + (1 - 1e-3) * torch.rand(128)
     x_t = t[:, None] * x1 + (1 - t[:, None]) * x0
-    rf = ((net(x_t, t) - (x1 - x0)) ** 2).mean()
+    rf = ((net(x_t, t) - (x1 - x0)) ** 2).mean(1).mean()  # Eq. 18's order: per sample, then the batch
     assert torch.equal(loss, rf) and "l_pc" not in logs
     torch.manual_seed(3)
     assert scoreflow.ScoreFlow(beta=1.0).loss(net, x1)[0] > rf  # beta > 0 adds a positive term
