@@ -27,11 +27,13 @@ Flows use Euler with NFE steps; Integration Flow iterates its anchor NFE times; 
 training uses NFE-step multistep sampling.
 
 Outputs: <out>/toy2d.png (per method: paths from the same starting points, then samples at
-NFE 1, 2, 100 over the data in grey) and <out>/toy2d.md (the table, also printed).
+NFE 1, 2, 100 over the data in grey) and <out>/toy2d.md (the command as run, then the table,
+also printed).
 """
 import argparse
 import copy
 import os
+import shlex
 import sys
 import time
 
@@ -91,8 +93,9 @@ def train_method(method, setup, steps, cache):
     loss_step = lambda loss_fn: lambda net, s, update: update(loss_fn(net, s)[0])  # noqa: E731
     if method in ("rf", "reflow", "asfm"):
         if "rf" not in cache:  # 1-RF is shared by reflow and ASFM (they start from it)
-            rf = asfm.RectifiedFlow()
+            rf, t0 = asfm.RectifiedFlow(), time.time()
             cache["rf"] = fit(mlp(), loss_step(lambda net, s: rf.loss(net, batch_of(setup.target), setup.x0(BATCH))), steps)
+            cache["rf_seconds"] = time.time() - t0
         teacher = cache["rf"]
         if method == "rf":
             return flow_sample(teacher), teacher
@@ -241,7 +244,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2000, help="training steps (reflow/ASFM: half, from 1-RF)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/toy2d", help="folder for toy2d.png and toy2d.md")
-    args = p.parse_args(common.attach_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = common.parse_given(p, common.attach_negative_values(argv))
     common.check_numbers(args, {"steps": "[10, 1000000]", "seed": "[0, 4294967295]"})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -249,13 +253,27 @@ def main(argv=None):
             raise common.UserError(f"unknown method '{m}': choose from {', '.join(METHODS)}")
     if not methods:
         raise common.UserError(f"--methods '{args.methods}' names no method: choose from {', '.join(METHODS)}")
-    if not args.setups or set(args.setups.split(",")) - {"a", "b"}:
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:  # the second would reuse the first's training (and report 0 s)
+        raise common.UserError(f"--methods {args.methods} names {', '.join(twice)} more than once: "
+                               "name each once")
+    chosen = args.setups.split(",")
+    if not args.setups or set(chosen) - {"a", "b"}:
         raise common.UserError(f"--setups {args.setups}: use a, b or a,b")
-    if "a" not in args.setups and not set(methods) & set(FLOWS):
+    flows = set(methods) & set(FLOWS)
+    if "a" not in chosen and not flows:
         raise common.UserError(f"--methods {args.methods} start from noise, so they run in set-up a only: "
                                "add --setups a, or a flow (rf, reflow, asfm, scoreflow)")
-    if args.data and args.dist != p.get_default("dist"):
+    if "b" in chosen and "setups" in args.given and not flows:
+        raise common.UserError(f"--setups {args.setups}: set-up b runs the flows only (rf, reflow, asfm, "
+                               f"scoreflow) and --methods {args.methods} names none: add one, or pass "
+                               "--setups a")
+    target = sorted({"dist", "data"} & args.given)  # the flags that name set-up a's target
+    if len(target) == 2:
         raise common.UserError("--dist and --data both name the target of set-up a: pass one")
+    if target and "a" not in chosen:
+        raise common.UserError(f"--{target[0]} names the target of set-up a, which --setups {args.setups} "
+                               f"does not run: add a to --setups, or leave --{target[0]} out")
     try:  # fail now, not after the training
         os.makedirs(args.out, exist_ok=True)
         open(os.path.join(args.out, "toy2d.md"), "a").close()
@@ -264,7 +282,7 @@ def main(argv=None):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     g = torch.Generator().manual_seed(0)
     setups = []
-    if "a" in args.setups:
+    if "a" in chosen:
         if args.data:
             x = common.load_data(argparse.Namespace(dataset="points", data_dir=args.data, image_size=None)).x
             perm = torch.randperm(len(x), generator=g)
@@ -273,7 +291,7 @@ def main(argv=None):
         else:
             train_pts, ref, name = common.toy_sample(args.dist, 20_000, g)[0], common.toy_sample(args.dist, 2000, g)[0], args.dist
         setups.append(Setup(f"noise->{name}", train_pts, ref))
-    if "b" in args.setups:
+    if "b" in chosen:
         setups.append(Setup("3->3 gaussians", common.toy_sample("tri-tgt", 20_000, g)[0],
                             common.toy_sample("tri-tgt", 2000, g)[0], source=common.toy_sample("tri-src", 20_000, g)[0]))
     results, t_all = {}, time.time()
@@ -283,9 +301,13 @@ def main(argv=None):
             if setup.source_pts is not None and method not in FLOWS:
                 continue  # noise -> data methods only
             torch.manual_seed(args.seed)
-            t0 = time.time()
+            t0, had_rf = time.time(), "rf" in cache
             sample, velocity = train_method(method, setup, args.steps, cache)
             seconds = time.time() - t0
+            if method == "rf":  # the shared 1-RF's time is its own row's, whichever method trained it
+                seconds = cache["rf_seconds"]
+            elif method in ("reflow", "asfm") and not had_rf:
+                seconds -= cache["rf_seconds"]
             row, samples, x0 = evaluate(sample, velocity, setup)
             traj = sample(x0[:40], 100)[1]
             results[(setup.name, method)] = dict(row=row, samples=samples, x0=x0, traj=traj,
@@ -295,7 +317,7 @@ def main(argv=None):
                   f"  ({seconds:.1f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     md = table(results)
-    header = (f"`python toy2d.py {' '.join(argv) if argv else ''}`".replace(" `", "`") +
+    header = (f"`{shlex.join(['python', 'toy2d.py'] + argv)}`" +  # the command as run, flags and all
               f" — {len(results)} runs, {args.steps} steps, seed {args.seed}, "
               f"{time.time() - t_all:.0f} s in all on {os.cpu_count()} CPU cores\n\n")
     with open(os.path.join(args.out, "toy2d.md"), "w") as f:
