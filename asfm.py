@@ -541,18 +541,25 @@ def parse(argv):
 RANGES = {"rf_steps": "[1, 1e12]", "mem_size": "[1, inf)", "mem_nfe": "[1, 10000]", "freq": "[1, inf)",
           "lambda_fm": "[0, inf)", "lambda_adv": "[0, inf)", "r1": "[0, inf)", "lr_d": "(0, inf)",
           "reflow_nfe": "[1, 10000]", "reflow_pairs": "[1, inf)", "edit_noise": "[0, inf)"}
-APPLIES = {**dict.fromkeys(["mem_size", "mem_nfe", "freq", "lambda_fm", "lambda_adv", "same_t", "r1", "lr_d"],
-                           (lambda a: a.stage == "asfm" or a.mode == "bench", "--stage asfm, --mode bench")),
-           **dict.fromkeys(["reflow_mode", "reflow_nfe"], (lambda a: a.stage == "reflow", "--stage reflow")),
-           "reflow_pairs": (lambda a: a.stage == "reflow" and a.reflow_mode == "offline", "offline reflow"),
-           "init": (lambda a: a.stage != "rf", "--stage reflow and asfm"),
-           "rf_steps": (lambda a: a.stage != "rf" and a.init == "auto", "--init auto"),
+# (--mode bench times an ASFM step with a memory of 2 batches: --mem-size is training's alone)
+APPLIES = {**dict.fromkeys(["mem_nfe", "freq", "lambda_fm", "lambda_adv", "same_t", "r1", "lr_d"],
+                           [common.TRAINING_STEPS, (lambda a: a.stage == "asfm" or a.mode == "bench",
+                                                    "--stage asfm, --mode bench")]),
+           "mem_size": [common.TRAINING, (lambda a: a.stage == "asfm", "--stage asfm")],
+           **dict.fromkeys(["reflow_mode", "reflow_nfe"],
+                           [common.TRAINING, (lambda a: a.stage == "reflow", "--stage reflow")]),
+           "reflow_pairs": [common.TRAINING, (lambda a: a.stage == "reflow" and a.reflow_mode == "offline",
+                                              "offline reflow")],
+           "init": [common.TRAINING, (lambda a: a.stage != "rf", "--stage reflow and asfm")],
+           "rf_steps": [common.TRAINING, (lambda a: a.stage != "rf" and a.init == "auto", "--init auto")],
            **dict.fromkeys(["edit_index", "edit_noise"], (lambda a: a.mode == "edit", "--mode edit"))}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    if args.mode == "train" and args.stage != "rf" and args.init not in ("auto", "none"):
+        common.check_written_by(args, args.init, "--init")  # not another script's (or missing)
     run = common.Run(args)
     if args.mode == "train":  # a resumed run's stage, flags and steps, and sizes: before pairs or a 1-RF
         run.check_run_folder()
@@ -566,7 +573,8 @@ def main(argv=None):
         args.init = os.path.join(rf_dir, "ckpt.pt")
         if not os.path.isfile(args.init) or common.read_checkpoint(args.init)["step"] < args.rf_steps:
             rf = argparse.Namespace(**{**vars(args), "stage": "rf"})  # without the flags a 1-RF does not take
-            rf_argv = common.drop_flags(argv, [k for k, (ok, _) in APPLIES.items() if not ok(rf)] + ["overwrite"])
+            idle = [k for k, rule in APPLIES.items() if not common.applies_to(rf, rule)]
+            rf_argv = common.drop_flags(argv, idle + ["overwrite"])
             rf_argv += ["--stage", "rf", "--steps", str(args.rf_steps), "--out-dir", rf_dir, "--resume"]
             run.print("--init auto: training the 1-RF first: python asfm.py " + " ".join(rf_argv))
             rf_args = parse(rf_argv)

@@ -41,6 +41,7 @@ import socket
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -1047,9 +1048,9 @@ def random_hflip(x):
     return torch.where(flip, x.flip(3), x)
 
 
-def uint8_batches(data, batch_size=250):
+def uint8_batches(data, batch_size=250, workers=2):
     """The whole training set as uint8 image batches (for FID reference statistics)."""
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=2)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=workers)
     for x, _, _ in loader:
         yield to_uint8(x)
 
@@ -1565,16 +1566,20 @@ def check_unchanged(args, config, path):
     return flag_text(now, changed)
 
 
-def writable_folder(path, flag):
-    """Create the folder if needed and check that files can be written there (one-line error)."""
+def writable_folder(path, flag, default_of=None):
+    """Create the folder if needed and check that files can be written there (one-line error).
+    default_of: the flag whose default the folder is, when `flag` is not a flag but says where the
+    folder came from (e.g. the checkpoint's folder, --out-dir's default in --mode sample)."""
+    where = f"{flag} {path}" + (f" (the default {default_of})" if default_of else "")
+    fix = f"pass {default_of} with" if default_of else "pass"
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file, not a folder: pass a folder")
+        raise UserError(f"{where} is a file, not a folder: {fix} a folder")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror}); pass a folder you can "
+        raise UserError(f"{where}: cannot write there ({e.strerror}); {fix} a folder you can "
                         "write to") from None
 
 
@@ -1761,6 +1766,8 @@ class RunDevice:
         return model
 
     def close(self):
+        if self._watch is not None:
+            self._watch.cancel()
         if self.master and self.args.mode == "train":
             unlock_folder(self.args.out_dir)
         if self.ddp and torch.distributed.is_initialized():
@@ -1770,6 +1777,7 @@ class RunDevice:
 class RunLog:
     """Run, part 2: the console and <out-dir>/log.txt (rank 0), steps/s, and the NaN/inf guard
     on the loss and on the weights before they are saved."""
+    _watched = None  # the run whose first training step is being watched (watch_first_step)
 
     @staticmethod
     def due(step, every):
@@ -1784,10 +1792,11 @@ class RunLog:
                 f.write(line + "\n")
 
     def log(self, step, loss, **scalars):
-        """Every step: fold loss into the NaN flag (no host sync). Every --log-every steps:
-        check the flag and print loss, logged numbers, steps/s and ETA."""
+        """Every step: fold loss into the NaN flag (no host sync). Every --log-every steps (and
+        once early, see progress_due): check the flag and print loss, logged numbers, steps/s
+        and ETA."""
         self._bad |= ~torch.isfinite(loss.detach()).all()
-        if not (self.due(step, self.args.log_every) or step == self.args.steps):
+        if not self.progress_due(step):
             return
         self.check_finite(step)
         now, first = time.time(), self._mark[1] if step > self._mark[1] else 0  # 0: a phase's own count
@@ -1799,13 +1808,51 @@ class RunLog:
         parts += [f"{rate:.2f} steps/s", f"eta {duration(eta)}"]
         self.print(" | ".join(parts))
 
+    def watch_first_step(self, start, total):
+        """Called as the training loop starts at step `start` of `total`. A first step that takes
+        minutes (a huge network, a slow device) would leave the console silent: a helper thread
+        says so after Progress.every (30 s), once, and progress_due prints the step's time."""
+        self._loop_start, self._first_line = time.time(), True
+        if self.master and start < total:
+            RunLog._watched = self  # a run in this process that stopped early (an error) stays quiet
+            self._watch = threading.Timer(Progress.every, self._first_step_slow, (start + 1, total))
+            self._watch.daemon = True
+            self._watch.start()
+
+    def _first_step_slow(self, step, total):
+        if self._watch is not None and RunLog._watched is self:
+            self._watch_fired = True
+            self.print(f"step {step}/{total}: not done after {duration(Progress.every)} (a slow first step: "
+                       "a large network or batch for this device); its time is printed when it ends")
+
+    def progress_due(self, step, total=None):
+        """Whether `step` (just done) gets a progress line: every --log-every steps, at the end
+        (`total`, default --steps), and once early: the first step that ends 30 s (Progress.every)
+        or more after the loop started without a progress line, so that a slow run shows that it
+        is alive, and its speed, long before --log-every steps."""
+        if self._watch is not None:  # the first step is done
+            self._watch.cancel()
+            self._watch = None
+            if self._watch_fired:
+                self.print(f"step {step} done, {duration(time.time() - self._loop_start)} after the "
+                           "training loop started")
+        total = self.args.steps if total is None else total
+        due = (self.due(step, self.args.log_every) or step == total
+               or (self._first_line and time.time() - self._loop_start >= Progress.every))
+        if due:
+            self._first_line = False
+        return due
+
     def check_finite(self, step, what="loss"):
         if self._bad.item():
-            last = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
-                    if self.saved_step is not None else "no checkpoint of this run was written")
-            raise UserError(f"{what} became NaN/inf before step {step}; stopped without saving, "
-                            f"{last}: --resume with --amp fp32, or with a lower --lr and "
-                            "--allow-changed lr")
+            fp32 = " or --amp fp32" if isinstance(self.autocast, torch.autocast) else ""  # bf16 may overflow
+            if self.saved_step is not None:
+                last = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step}): --resume "
+                        f"with a lower --lr and --allow-changed lr{fp32}")
+            else:  # nothing to resume; an older run's ckpt.pt may still be there
+                last = (f"no checkpoint of this run was written: train again with a lower --lr{fp32}"
+                        + (" and --overwrite" if os.path.isfile(self.ckpt_path) else ""))
+            raise UserError(f"{what} became NaN/inf before step {step}; stopped without saving, {last}")
 
     def check_weights(self, step, *states):
         """Before a checkpoint is written: every floating tensor in it (weights, EMA, optimizer
@@ -1847,14 +1894,16 @@ class RunCheckpoints:
         Returns the checkpoint to resume from, or None. Called by resume(), and early by
         asfm.py, whose reflow pairs and --init auto 1-RF come before its training loop."""
         args = self.args
-        if not os.path.isfile(self.ckpt_path):
-            return None
-        ckpt = load_checkpoint(self.ckpt_path, mmap=True)  # resume() copies what it needs
+        if not os.path.isfile(self.ckpt_path) or (getattr(args, "overwrite", False) and not args.resume):
+            return None  # --overwrite starts over, whatever the file holds (even a corrupt one)
+        try:
+            ckpt = load_checkpoint(self.ckpt_path, mmap=True)  # resume() copies what it needs
+        except UserError:  # a truncated or foreign file: nothing to continue
+            raise UserError(f"cannot read checkpoint '{self.ckpt_path}': it is corrupt or not one of ours; "
+                            "pass --overwrite to train from scratch over it, or another --out-dir") from None
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         written_by = config.get("method", "an unknown method")
         if not args.resume:
-            if getattr(args, "overwrite", False):
-                return None
             raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
                             f"{ckpt.get('step', '?')}): pass --resume to continue it, "
                             "--overwrite to start over, or another --out-dir")
@@ -1907,6 +1956,7 @@ class RunCheckpoints:
                 self.print(f"no checkpoint at {self.ckpt_path}: starting from step 0")
             self.reseed(0)
             self._mark = (time.time(), 0)
+            self.watch_first_step(0, self.args.steps if total_steps is None else total_steps)
             return 0, None, None
         for name, obj in objects.items():
             if name not in ckpt["state"]:
@@ -1925,6 +1975,7 @@ class RunCheckpoints:
                    + (f" with {self.changes} (--allow-changed)" if self.changes else "")
                    + (": that is where --steps ends, so nothing is trained; pass a larger "
                       "--steps to train longer" if done else ""))
+        self.watch_first_step(ckpt["step"], self.args.steps if total_steps is None else total_steps)
         return ckpt["step"], ckpt, local
 
 
@@ -1940,6 +1991,8 @@ class Run(RunDevice, RunLog, RunCheckpoints):
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
         self.changes = ""  # the flags --allow-changed let --resume change, as text
         self._mark = (time.time(), 0)  # (time, step) of the last log line, for steps/s
+        self._watch, self._watch_fired = None, False  # the first step's watcher (watch_first_step)
+        self._loop_start, self._first_line = time.time(), False  # no early line outside a loop
         torch.manual_seed(args.seed)  # same initial weights on every rank
         if args.mode not in ("train", "bench"):
             check_written_by(args)
@@ -1948,25 +2001,33 @@ class Run(RunDevice, RunLog, RunCheckpoints):
                 and args.dataset not in CLASSIFIER_FD):  # fail now, not at the first evaluation hours in
             load_fid_inception("cpu", args.inception_weights)
         if self.master:  # every folder this run writes to, checked before any work
-            writable_folder(args.out_dir, "--out-dir")
+            if args.mode in ("train", "bench") or "out_dir" in getattr(args, "given", {"out_dir"}):
+                writable_folder(args.out_dir, "--out-dir")
+            else:  # --mode sample/eval/... write their log (and eval's figures) beside the checkpoint
+                writable_folder(args.out_dir, "the checkpoint's folder", default_of="--out-dir")
             if args.mode == "train":
                 lock_folder(args.out_dir)
             if args.mode == "sample" or (args.mode == "train" and (args.sample_every or 0) > 0):
                 writable_folder(args.samples_out, "--samples-out")
         config = config_dict(args)  # the run's first line: every value in force, presets resolved
+        idle = (RUN_FLAGS | {"method", "nfe_list", "is_image", "allow_changed"}
+                | getattr(args, "not_in_force", set()))
         self.print(f"{args.method} --mode {args.mode}: " + " ".join(
             f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(config.items())
-            if k not in RUN_FLAGS | {"method", "nfe_list", "is_image", "allow_changed"} and v is not None))
+            if k not in idle and v is not None))
 
 
-def check_written_by(args):
-    """sample/eval refuse a checkpoint that another script wrote."""
-    path = args.ckpt
+def check_written_by(args, path=None, flag="--ckpt"):
+    """sample/eval refuse a checkpoint that another script wrote (so does asfm.py's --init, whose
+    file must exist: a missing --ckpt says 'train first' when it is loaded)."""
+    path = path or args.ckpt
+    if flag != "--ckpt" and not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; pass a ckpt.pt written by this script")
     if os.path.isfile(path):
         written_by = (read_checkpoint(path).get("config") or {}).get("method")
         if written_by and written_by.split("-")[0] != args.method.split("-")[0]:
-            raise UserError(f"{path} was written by {written_by}, not {args.method}: "
-                            "use the script that wrote it, or another --ckpt")
+            raise UserError(f"{flag} {path} was written by {written_by}, not {args.method}: "
+                            f"use the script that wrote it, or another {flag}")
 
 
 def check_sizes(args, device, local_batch):
@@ -2134,7 +2195,8 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
         name = f"{args.dataset}-{args.image_size}"
         if args.dataset == "folder":
             name += "-" + os.path.basename(os.path.abspath(args.data_dir))
-        ref = reference_stats(name, lambda: uint8_batches(data), inception, fid_cache_dir(args))
+        ref = reference_stats(name, lambda: uint8_batches(data, workers=args.workers), inception,
+                              fid_cache_dir(args))
     else:
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
@@ -2287,7 +2349,9 @@ def add_common_args(parser, modes=("train", "sample", "eval", "bench"), presets=
     a("--log-every", type=int, default=None)
     a("--sample-every", type=int, default=None, help="save a sample grid every N steps (0 = off)")
     a("--ckpt-every", type=int, default=None)
-    a("--mode", default="train", choices=modes)
+    a("--mode", default="train", choices=modes, help="sample/eval/edit/translate read a checkpoint (--ckpt): "
+      "its data, network and method flags are taken from it, training flags are refused; bench times training "
+      "steps (the training loop's flags are refused)")
     a("--ckpt", default=None, help="checkpoint for sample/eval/bench (default <out-dir>/ckpt.pt)")
     a("--n", type=int, default=64, help="number of samples for --mode sample")
     a("--nfe", default=None, help="comma list of step counts, e.g. 1,2,4 (add rk45 where supported)")
@@ -2328,15 +2392,15 @@ def parse_args(parser, argv=None, may_differ=None):
     than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
     choice), except those in may_differ[mode]."""
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
-    args = parser.parse_args(argv)
-    unset = object()  # parse again into a namespace that already has every dest: argparse then
-    given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
+    args = parse_given(parser, argv)
     ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
     if args.mode in ("train", "bench") or not (args.ckpt or os.path.isfile(ckpt_path or "")):
         return args
     ckpt = read_checkpoint(ckpt_path)  # once per command: check_written_by and load_weights reuse it
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if config.get("class_cond") is None and "cond_classes" in config:  # scoreflow's default: what the
+        # run chose (classes where its data had them), so --class-cond matches and --no-class-cond does not
+        config = {**config, "class_cond": bool(config["cond_classes"])}
     checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
     differ = [k for k in sorted(args.given) if k in config and k in checked
               and not _same(k, getattr(args, k), config[k])]
@@ -2350,6 +2414,16 @@ def parse_args(parser, argv=None, may_differ=None):
     given = args.given
     args = parser.parse_args(argv)  # the command line, then the checkpoint's config, then defaults
     args.given = given
+    return args
+
+
+def parse_given(parser, argv):
+    """parser.parse_args(argv), with args.given = the set of flags set on the command line (a
+    set: config_dict leaves it out of checkpoints)."""
+    args = parser.parse_args(argv)
+    unset = object()  # parse again into a namespace that already has every dest: argparse then
+    given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = {k for k, v in vars(given).items() if v is not unset}  # leaves unset ones alone
     return args
 
 
@@ -2389,11 +2463,12 @@ def flag_names(text):
 
 
 def flag_text(values, keys):
-    """['lr', 'same_t'] of {'lr': 0.5, 'same_t': True} -> '--lr 0.5 --same-t'."""
+    """['lr', 'same_t'] of {'lr': 0.5, 'same_t': True} -> '--lr 0.5 --same-t' (False or None, a
+    flag left unset: 'no --same-t')."""
     words = []
     for k in keys:
         v, name = values.get(k), "--" + k.replace("_", "-")
-        words.append(name if v is True else f"no {name}" if v is False else f"{name} {v}")
+        words.append(name if v is True else f"no {name}" if v is False or v is None else f"{name} {v}")
     return " ".join(words)
 
 
@@ -2439,7 +2514,13 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
                         "(or func in consistency_func.py)")
     if not args.is_image and args.arch != "mlp":
         raise UserError(f"--arch {args.arch} needs images; 2-D data uses --arch mlp")
-    check_applies(args, {**APPLIES, **(applies or {})})
+    args.nfe_list = parse_nfe(default_nfe if args.nfe is None else args.nfe)  # "" is an error
+    if no_rk45 and "rk45" in args.nfe_list:
+        raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
+    rules = {**APPLIES, **(applies or {})}
+    check_applies(args, rules)
+    # what the run's first line leaves out (a set, like args.given: not saved in checkpoints)
+    args.not_in_force = {k for k, rule in rules.items() if not applies_to(args, rule)}
     if not args.is_image:
         args.image_size = None
     if args.arch == "dit" and args.image_size % args.patch:
@@ -2450,9 +2531,6 @@ def finish_args(args, presets=PRESETS, method="run", default_nfe="1,2,4", name=N
     unknown = [k for k in flag_names(getattr(args, "allow_changed", "")) if k not in vars(args)]
     if unknown:
         raise UserError(f"--allow-changed: {', '.join(unknown)} is not a flag of this script")
-    args.nfe_list = parse_nfe(default_nfe if args.nfe is None else args.nfe)  # "" is an error
-    if no_rk45 and "rk45" in args.nfe_list:
-        raise UserError(f"--nfe rk45 does not apply: {no_rk45}")
     check_numbers(args, {**FLAG_RANGES, **(ranges or {})})
     args.out_dir = args.out_dir or os.path.join("runs", f"{name or method}-{args.dataset}-{args.preset}")
     args.ckpt = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
@@ -2483,9 +2561,10 @@ def check_numbers(args, ranges=FLAG_RANGES):
         if not (above and below):  # NaN compares False
             if high != "inf":
                 span = f"a number in {interval}"
-            else:
+            else:  # inf is excluded too: say so where the flag takes floats (e.g. --lr inf)
                 sign = ">=" if interval[0] == "[" else ">"
-                span = "a finite number" if low == "-inf" else f"a number {sign} {low}"
+                finite = "finite " if isinstance(value, float) else ""
+                span = "a finite number" if low == "-inf" else f"a {finite}number {sign} {low}"
             raise UserError(f"--{key.replace('_', '-')} {value} is out of range: use {span}")
     if getattr(args, "arch", None) in ("unet", "ddpmpp") and args.image_size:
         levels = 2 ** (len(args.ch_mult) - 1)
@@ -2504,31 +2583,68 @@ def check_numbers(args, ranges=FLAG_RANGES):
         raise UserError(f"--device {args.device}: only cpu and cuda are supported")
 
 
-# flag: (does it apply to these args?, what it is for). A flag set on the command line where it
-# does nothing is an error, not silently ignored. Scripts add their method's flags.
+# flag: (does it apply to these args?, what it is for), or a list of such rules that must all
+# hold (the first that fails is reported). A flag set on the command line where it does nothing
+# is an error, not silently ignored, and the run's first line leaves out the values of flags that
+# do nothing in it. Scripts add their method's flags.
+# The modes that use a flag: training flags do nothing where a checkpoint is only read (--mode
+# sample, eval, edit, translate: the checkpoint keeps the values it was trained with), and --mode
+# bench times training steps (optimizer step, network in training mode, --amp) but runs no
+# training loop (its length, EMA, data order, logging, saving).
+TRAINING = (lambda a: a.mode == "train", "--mode train")
+TRAINING_STEPS = (lambda a: a.mode in ("train", "bench"), "--mode train and bench")
+FID_ON_IMAGES = (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
+                 "FID on image data (digits and photos are scored by their own classifiers)")
 APPLIES = {
-    "hflip": (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)"),
+    **dict.fromkeys(["steps", "ema_decay", "log_every", "ckpt_every", "sample_every", "eval_every", "compile",
+                     "resume", "overwrite"], TRAINING),
+    **dict.fromkeys(["lr", "warmup", "grad_clip", "dropout"], TRAINING_STEPS),
+    "hflip": [TRAINING, (lambda a: a.is_image or not a.hflip, "images (2-D points have no left and right)")],
     "image_size": (lambda a: a.is_image, "image data"),
-    "channels_last": (lambda a: a.is_image, "image data"),
-    "workers": (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
-                "image files (2-D data, digits and photos are indexed in memory)"),
-    "inception_weights": (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
-                          "FID on image data (digits and photos are scored by their own classifiers)"),
+    "channels_last": [TRAINING, (lambda a: a.is_image, "image data")],
+    "workers": [(lambda a: a.mode in ("train", "eval"), "--mode train and eval (FID's reference statistics)"),
+                (lambda a: a.is_image and a.dataset not in CLASSIFIER_FD,
+                 "image files (2-D data, digits and photos are indexed in memory)")],
+    "inception_weights": [(lambda a: a.mode in ("train", "eval"), "FID: --mode eval (and --eval-every)"),
+                          FID_ON_IMAGES],
     "amp": (lambda a: a.mode in ("train", "bench"), "training (sampling runs in --eval-amp)"),
-    "resume": (lambda a: a.mode == "train", "--mode train"),
-    "overwrite": (lambda a: a.mode == "train", "--mode train"),
     "allow_changed": (lambda a: a.resume, "--resume"),
     "weights": (lambda a: a.mode not in ("train", "bench"), "sampling and evaluation"),
     "ckpt": (lambda a: a.mode not in ("train", "bench"),
              "sampling and evaluation (training writes <out-dir>/ckpt.pt)"),
+    "n": (lambda a: a.mode in ("train", "sample"), "--mode sample (and samples during training)"),
+    "samples_out": (lambda a: a.mode in ("train", "sample"), "--mode sample (and samples during training)"),
+    "fid_n": (lambda a: a.mode in ("train", "eval"), "--mode eval (and evaluations during training)"),
 }
 
 
+def applies_to(args, rule):
+    """Whether a flag with this APPLIES entry (one rule or a list) does something in this run."""
+    return all(ok(args) for ok, _ in (rule if isinstance(rule, list) else [rule]))
+
+
 def check_applies(args, rules):
+    """One line naming every flag set on the command line that does nothing in this run, with
+    what each is for (its first rule that fails)."""
+    failed = {}  # what it is for -> the flags
     for key in sorted(getattr(args, "given", ())):
-        if key in rules and not rules[key][0](args):
-            raise UserError(f"--{key.replace('_', '-')} does not apply to this run: it is for "
-                            f"{rules[key][1]}; leave it out")
+        rule = rules.get(key, [])
+        for ok, what in (rule if isinstance(rule, list) else [rule]):
+            if not ok(args):
+                failed.setdefault(what, []).append(f"--{key.replace('_', '-')}")
+                break
+    if not failed:
+        return
+    names = [name for group in failed.values() for name in group]
+    if len(names) == 1:
+        reason = f"it is for {next(iter(failed))}; leave it out"
+    elif len(failed) == 1:
+        reason = f"they are for {next(iter(failed))}; leave them out"
+    else:
+        reason = "; ".join(f"{', '.join(group)} {'is' if len(group) == 1 else 'are'} for {what}"
+                           for what, group in failed.items()) + "; leave them out"
+    verb = "does" if len(names) == 1 else "do"
+    raise UserError(f"{', '.join(names)} {verb} not apply to this run: {reason}")
 
 
 def check_steps(args):

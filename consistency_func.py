@@ -315,7 +315,7 @@ def train(args, run, data, net, method, sample):
         ema.update(net, step - pretrain if step >= pretrain else step)  # warm-up restarts
         if step >= pretrain:
             run.log(step + 1 - pretrain, loss, **logs)
-        elif run.due(step + 1, args.log_every) or step + 1 == pretrain:
+        elif run.progress_due(step + 1, pretrain):
             if not torch.isfinite(loss):
                 raise common.UserError(f"pre-training loss is {loss.item()} at step "
                                        f"{step + 1}: lower --lr or use --amp fp32")
@@ -388,12 +388,17 @@ def bench_multires(args, run, data, net, method):
 # this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
 RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
-APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "jitter"],
-                           (lambda a: a.arch == "func", "--arch func (the INR generator)")),
-           **dict.fromkeys(["pretrain", "pretrain_epochs"], (lambda a: a.is_image, "images")),
+FUNC_ARCH = (lambda a: a.arch == "func", "--arch func (the INR generator)")
+APPLIES = {**dict.fromkeys(["inr_width", "inr_depth"], FUNC_ARCH),
+           "jitter": [common.TRAINING_STEPS, FUNC_ARCH],  # a network in eval mode samples on the exact grid
+           **dict.fromkeys(["pretrain", "pretrain_epochs"],
+                           [common.TRAINING, (lambda a: a.is_image, "images")]),
+           "two_step_sigma": (lambda a: a.sampler == "cm" and (a.mode == "train" or 2 in a.nfe_list),
+                              "two-step sampling (--nfe with 2, --sampler cm), or training (the checkpoint "
+                              "keeps it as its default)"),
            "sample_res": (lambda a: a.is_image and a.mode in ("sample", "bench") and a.sampler == "cm",
                           "images in --mode sample or bench, with iCT's sampler (--sampler cm)"),
-           "ckpt": (lambda a: a.mode != "train", "sampling, evaluation and bench")}
+           **dict.fromkeys(["ckpt", "weights"], (lambda a: a.mode != "train", "sampling, evaluation and bench"))}
 
 
 def main(argv=None):

@@ -407,10 +407,13 @@ def build_method(args):
 RANGES = {"huber_c": "(0, inf)", "w": "[0, 1]", "vp_steps": "[2, 100000]", "sigma_min": "(0, inf)",
           "sigma_max": "(0, inf)", "sigma_data": "(0, inf)", "conv_iters": "[1, 10000]", "n_conv": "[1, inf)"}
 VE_ONLY = (lambda a: a.ode == "ve", "--ode ve")
-APPLIES = {"huber_c": (lambda a: a.distance == "pseudo-huber", "--distance pseudo-huber"),
-           "w": (lambda a: a.w_schedule == "const" and a.bank_update != "none", "--w-schedule const"),
-           "w_schedule": (lambda a: a.bank_update != "none", "training with an anchor bank"),
-           "bank_dtype": (lambda a: a.bank_update != "none", "training with an anchor bank"),
+BANK = (lambda a: a.bank_update != "none", "training with an anchor bank")
+APPLIES = {"distance": common.TRAINING_STEPS,
+           "huber_c": [common.TRAINING_STEPS,
+                       (lambda a: a.distance == "pseudo-huber", "--distance pseudo-huber")],
+           "w": [common.TRAINING, BANK, (lambda a: a.w_schedule == "const", "--w-schedule const")],
+           "w_schedule": [common.TRAINING, BANK], "bank_dtype": [common.TRAINING, BANK],
+           **dict.fromkeys(["conv_iters", "n_conv"], common.TRAINING),  # the plot at the end of training
            **dict.fromkeys(["vp_steps", "vp_schedule"], (lambda a: a.ode == "vp", "--ode vp")),
            "param": (lambda a: a.ode != "vp", "--ode ve and rf (vp's is always out = x_t - F)"),
            "vp_betas": (lambda a: a.ode == "vp" and a.vp_schedule == "linear", "--ode vp --vp-schedule linear"),
@@ -454,7 +457,8 @@ def main(argv=None):
     a("--sigma-min", type=float, default=0.01)
     a("--sigma-max", type=float, default=50.0)
     a("--sigma-data", type=float, default=0.5, help="VE input scaling 1/sqrt(sigma^2+sd^2) [reconstructed]")
-    a("--conv-iters", type=int, default=20, help="sampling iterations for the convergence plot")
+    a("--conv-iters", type=int, default=20,
+      help="sampling iterations for the convergence plot (end of training)")
     a("--n-conv", type=int, default=2000, help="samples for the convergence plot")
     common.add_common_args(parser, presets=PRESETS)
     args = common.finish_args(common.parse_args(parser, argv), PRESETS, method="integration_flow",

@@ -471,8 +471,18 @@ APPLIES = {**dict.fromkeys(["src_class", "tgt_class", "ckpt_b", "translate"], TR
            "bpd": (lambda a: a.mode == "eval", "--mode eval"),
            "div": (lambda a: a.mode == "eval" and a.bpd, "--mode eval --bpd"),
            "source_dir": (lambda a: a.source, "--source"),
-           "pc_lambda": (lambda a: a.beta > 0, "--beta > 0 (the path-constrained term)"),
-           "p_uncond": (lambda a: a.mode in ("train", "bench"), "training")}
+           **dict.fromkeys(["beta", "p_uncond"], common.TRAINING_STEPS),  # the loss's (sampling: the field's)
+           "pc_lambda": [common.TRAINING_STEPS,
+                         (lambda a: a.beta > 0, "--beta > 0 (the path-constrained term)")],
+           # eval also reconstructs --n images (and their likelihood), translate is scored like eval;
+           # bench trains the wrapped network
+           "n": (lambda a: a.mode in ("train", "sample", "eval"), "--mode sample and eval"),
+           "fid_n": (lambda a: a.mode in ("train", "eval", "translate"), "--mode eval and translate (and "
+                     "evaluations during training)"),
+           "inception_weights": [(lambda a: a.mode in ("train", "eval", "translate"), "FID: --mode eval and "
+                                  "translate (and --eval-every)"), common.FID_ON_IMAGES],
+           "compile": common.TRAINING_STEPS,
+           "channels_last": [common.TRAINING_STEPS, (lambda a: a.is_image, "image data")]}
 
 
 def main(argv=None):
@@ -487,7 +497,8 @@ def main(argv=None):
     if args.mode in ("sample", "eval"):  # the checkpoint says which classes and source it used
         net, cond, config = load_model(args, run, args.ckpt, data.shape)
         args.source = args.source or config.get("source")
-        args.source_dir = config.get("source_dir") or args.source_dir
+        if "source_dir" not in args.given:  # the folder it trained on, unless named now (data may move)
+            args.source_dir = config.get("source_dir") or args.source_dir
     source = common.load_data(args, args.source, args.source_dir) if args.source else None
     if source is not None and source.shape != data.shape:
         raise common.UserError(f"--source {args.source} has shape {source.shape} but --dataset "

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 
 import numpy as np
@@ -525,6 +526,13 @@ def test_first_line_lists_the_values_in_force(tmp_path, capsys):
     assert (values["preset"], values["width"], values["lr"], values["steps"]) == ("toy", "256", "0.001", "1")
     assert "out_dir" not in values and "mode" not in values  # how to run now is not a value of the run
     assert (tmp_path / "r" / "log.txt").read_text().splitlines()[0] == first
+    assert "mem_size" not in values and "reflow_pairs" not in values  # other stages' flags: not in force
+    # issue 33: sampling lists the checkpoint's data and network, not its training (lr=... was read as in force)
+    asfm.main(["--mode", "sample", "--ckpt", str(tmp_path / "r" / "ckpt.pt"), "--n", "4", "--nfe", "1"])
+    first = capsys.readouterr().out.splitlines()[0]
+    values = dict(w.split("=", 1) for w in first.split(": ", 1)[1].split())
+    assert first.startswith("asfm-rf --mode sample: ") and (values["dataset"], values["width"]) == ("moons", "256")
+    assert not {"lr", "steps", "ema_decay", "warmup", "log_every", "dropout", "grad_clip"} & set(values)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -689,7 +697,16 @@ def bad_inputs(tmp_path_factory):
                "--out-dir", str(tmp / "img_run")])
     integration_flow.main(["--steps", "1", "--n-conv", "8", "--conv-iters", "1", "--fid-n", "50",
                            "--out-dir", str(tmp / "if_run")] + small)
+    scoreflow.main(["--steps", "1", "--fid-n", "50", "--n", "8", "--nfe", "1", "--out-dir", str(tmp / "sf_run")]
+                   + small)  # class-conditional: --class-cond left to its default
+    (tmp / "corrupt_run").mkdir()
+    (tmp / "corrupt_run" / "ckpt.pt").write_bytes((tmp / "if_run" / "ckpt.pt").read_bytes()[:500])  # truncated
     return tmp
+
+
+def training(argv):
+    """Whether argv trains (the tests' shared prefixes add training flags only then)."""
+    return "--mode" not in argv or argv[argv.index("--mode") + 1] == "train"
 
 
 @pytest.mark.parametrize("script, argv, msg", [(s, a, m) for s in SCRIPTS for a, m in FLAG_CASES]
@@ -697,9 +714,8 @@ def bad_inputs(tmp_path_factory):
 def test_bad_inputs_stop_with_one_line(bad_inputs, script, argv, msg, capsys, tmp_path):
     argv = [a.replace("{tmp}", str(bad_inputs)) for a in argv]
     if script != "toy2d":
-        argv = ["--device", "cpu", "--width", "16", "--batch-size", "32", "--steps", "2",
-                "--out-dir", str(tmp_path / "run"), "--preset", "tiny"
-                if "folder" in argv else "toy"] + argv
+        argv = ["--device", "cpu", "--width", "16", "--batch-size", "32"] + (["--steps", "2"] if training(argv) else []) + [
+                "--out-dir", str(tmp_path / "run"), "--preset", "tiny" if "folder" in argv else "toy"] + argv
         argv += ["--batch-size", "4"] if "folder" in argv else []
     else:
         argv = ["--steps", "10", "--out", str(bad_inputs / "toy2d")] + argv
@@ -1292,15 +1308,16 @@ def test_diverging_run_keeps_a_finite_resumable_checkpoint(tmp_path):
 def test_asfm_images_eval_edit_and_bench(tmp_path, capsys):
     write_pngs(tmp_path / "img", 8)
     img = ["--dataset", "folder", "--data-dir", str(tmp_path / "img"), "--preset", "tiny",
-           "--batch-size", "4", "--device", "cpu", "--workers", "0", "--out-dir", str(tmp_path / "r")]
-    asfm.main(img + ["--stage", "asfm", "--init", "none", "--steps", "2", "--mem-size", "2", "--mem-nfe", "2"])
+           "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "r")]
+    asfm.main(img + ["--stage", "asfm", "--init", "none", "--steps", "2", "--mem-size", "2", "--mem-nfe", "2",
+                     "--workers", "0"])
     asfm.main(img + ["--stage", "asfm", "--mode", "edit", "--edit-index", "0,1", "--nfe", "2"])
     assert os.path.isfile(tmp_path / "r" / "edit_0_1.png")
     asfm.main(img + ["--stage", "asfm", "--mode", "bench", "--nfe", "1", "--freq", "2", "--mem-nfe", "2"])
     assert "ASFM / 1-RF step time" in capsys.readouterr().out
     # FID / precision / recall plumbing with random Inception weights (no download in tests)
     asfm.main(img + ["--stage", "asfm", "--mode", "eval", "--nfe", "1", "--fid-n", "8",
-                     "--inception-weights", "random"])
+                     "--inception-weights", "random", "--workers", "0"])
     out = capsys.readouterr().out
     assert "eval nfe=1: fid=" in out and "recall=" in out and "eval nfe=rk45" not in out  # not named
     assert "precision=fp32" in out and "straightness S" in out
@@ -1405,7 +1422,7 @@ def test_asfm_toy_eval_numbers_figure_and_straightness(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "same_noise_by_nfe.png")) > 10_000  # paths per NFE
     with pytest.raises(common.UserError, match="--mode edit needs an image"):
         asfm.main(["--stage", "rf", "--mode", "edit", "--width", "32", "--device", "cpu", "--out-dir", out])
-    with pytest.raises(common.UserError, match="no checkpoint"):
+    with pytest.raises(common.UserError, match="--init .*missing.pt: no such file"):
         asfm.main(["--stage", "asfm", "--init", str(tmp_path / "missing.pt"), "--out-dir", out + "2",
                    "--steps", "1"])
 
@@ -1416,8 +1433,9 @@ def test_asfm_toy_eval_numbers_figure_and_straightness(tmp_path, capsys):
 
 
 def small(tmp_path, name, *extra):
+    train = ["--log-every", "1000", "--n-conv", "64", "--conv-iters", "3", "--fid-n", "200"]  # training's alone
     return ["--out-dir", str(tmp_path / name), "--width", "32", "--depth", "2", "--batch-size", "64",
-            "--log-every", "1000", "--n-conv", "64", "--conv-iters", "3", "--fid-n", "200", *extra]
+            *(train if training(extra) else []), *extra]
 
 
 class FakeNet(torch.nn.Module):
@@ -1683,7 +1701,8 @@ def test_images_folder_unet(tmp_path):
     integration_flow.main(argv)
     ckpt = common.load_checkpoint(str(tmp_path / "img" / "ckpt.pt"))
     assert ckpt["state"]["bank"].shape == (8, 3, 16, 16) and ckpt["state"]["bank"].dtype == torch.float16
-    integration_flow.main(argv + ["--mode", "sample", "--n", "4", "--nfe", "1,2"])
+    integration_flow.main(["--ckpt", str(tmp_path / "img" / "ckpt.pt"), "--mode", "sample", "--n", "4",
+                           "--nfe", "1,2"])
     s = np.load(tmp_path / "img" / "samples" / "nfe2.npz")
     assert s["samples"].shape == (4, 16, 16, 3) and int(s["nfe"]) == 2
 
@@ -2073,9 +2092,10 @@ def _image_folder(path, n=8, size=16):
 
 
 def _args(folder, out, *extra):
+    train = ["--workers", "0", "--lr", "2e-3", "--sample-every", "0", "--log-every", "10"]  # training's alone
     return ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny", "--arch", "func",
-            "--width", "32", "--depth", "2", "--batch-size", "8", "--workers", "0", "--lr", "2e-3",
-            "--sample-every", "0", "--log-every", "10", "--out-dir", str(out), *extra]
+            "--width", "32", "--depth", "2", "--batch-size", "8", *(train if training(extra) else []),
+            "--out-dir", str(out), *extra]
 
 
 def _folder_images(folder):
@@ -2225,6 +2245,7 @@ def test_toy_one_step_samples_approach_the_data(tmp_path):
 #################################################################################
 
 
+SF_READ = ["--width", "64", "--depth", "2", "--batch-size", "256", "--fid-n", "300"]  # a SF_TINY checkpoint's eval
 SF_TINY = ["--width", "64", "--depth", "2", "--batch-size", "256", "--lr", "3e-3", "--ema-decay", "0.9",
         "--fid-n", "300", "--n", "16", "--nfe", "1", "--log-every", "1000"]
 
@@ -2365,7 +2386,7 @@ def test_training_learns(cond_toy):
 
 
 def test_translate_cycle_rk45_near_zero(cond_toy):
-    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
+    m = scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
                                "--tgt-class", "4", "--nfe", "2,rk45"])
     assert m["cycle_rmse"] < 1e-3
     lines = sf_log_lines(cond_toy, "translate class nfe=")
@@ -2373,13 +2394,13 @@ def test_translate_cycle_rk45_near_zero(cond_toy):
     assert euler2 > 10 * m["cycle_rmse"]  # Euler with 2 steps is not reversible
     assert m["sw2_to_target"] < m["sw2_source_to_target"]  # moved towards class 4
     assert os.path.isfile(os.path.join(cond_toy, "translate_class_two-pass.png"))
-    d = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
+    d = scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
                                "--tgt-class", "4", "--nfe", "4", "--translate", "difference"])
     assert set(d) == set(m)
 
 
 def test_eval_reconstruction_and_bpd(cond_toy):
-    scoreflow.main(SF_TINY + ["--mode", "eval", "--out-dir", cond_toy, "--nfe", "2,rk45", "--bpd",
+    scoreflow.main(SF_READ + ["--mode", "eval", "--out-dir", cond_toy, "--nfe", "2,rk45", "--bpd",
                            "--cfg", "2"])
     rec = {re.search(r"nfe=(\S+):", s).group(1): float(re.search(r"rmse=(\S+)", s).group(1))
            for s in sf_log_lines(cond_toy, "reconstruction")}
@@ -2401,7 +2422,7 @@ def test_domain_flow_resume_is_exact(tmp_path):
         for name, p in a["state"][key].items():
             assert torch.equal(p, b["state"][key][name]), name
     assert a["config"]["cond_classes"] == 0 and a["config"]["source"] == "tri-src"
-    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", str(tmp_path / "a"),
+    m = scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", str(tmp_path / "a"),
                                "--dataset", "tri-tgt", "--nfe", "rk45"])
     assert m["cycle_rmse"] < 2e-2 and m["l2_to_source"] > 4  # A is 6 units left of B
 
@@ -2409,7 +2430,7 @@ def test_domain_flow_resume_is_exact(tmp_path):
 def test_two_model_translation(tmp_path):
     for name in ("tri-src", "tri-tgt"):
         scoreflow.main(SF_TINY + ["--steps", "150", "--dataset", name, "--out-dir", str(tmp_path / name)])
-    m = scoreflow.main(SF_TINY + ["--mode", "translate", "--source", "tri-src", "--dataset", "tri-tgt",
+    m = scoreflow.main(SF_READ + ["--mode", "translate", "--source", "tri-src", "--dataset", "tri-tgt",
                                "--ckpt", str(tmp_path / "tri-src/ckpt.pt"), "--ckpt-b",
                                str(tmp_path / "tri-tgt/ckpt.pt"), "--nfe", "rk45",
                                "--out-dir", str(tmp_path / "t")])
@@ -2418,12 +2439,12 @@ def test_two_model_translation(tmp_path):
 
 def test_bad_input_errors(cond_toy, tmp_path):
     with pytest.raises(common.UserError, match="out of range"):
-        scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "9",
+        scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "9",
                                "--tgt-class", "1"])
     with pytest.raises(common.UserError, match="--beta"):
         scoreflow.main(SF_TINY + ["--beta", "-1", "--out-dir", str(tmp_path)])
     with pytest.raises(common.UserError, match="--src-class a --tgt-class b"):
-        scoreflow.main(SF_TINY + ["--mode", "translate", "--out-dir", cond_toy])
+        scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy])
     np.save(tmp_path / "x.npy", np.random.randn(600, 2).astype("float32"))
     with pytest.raises(common.UserError, match="no class labels"):
         scoreflow.main(SF_TINY + ["--dataset", "points", "--data-dir", str(tmp_path / "x.npy"),
@@ -2440,14 +2461,14 @@ def test_images_class_translation_and_bpd(tmp_path):
             px = (torch.rand(8, 8, 3, generator=g) * 80 + (150 if c else 0)).byte().numpy()
             Image.fromarray(px).save(tmp_path / "img" / f"c{c}" / f"{i}.png")
     flags = ["--dataset", "folder", "--data-dir", str(tmp_path / "img"), "--image-size", "8",
-             "--width", "16", "--batch-size", "4", "--workers", "0", "--nfe", "2", "--n", "4",
-             "--fid-n", "6", "--inception-weights", "random", "--out-dir", str(tmp_path / "run")]
+             "--width", "16", "--batch-size", "4", "--nfe", "2", "--fid-n", "6", "--inception-weights", "random",
+             "--out-dir", str(tmp_path / "run")]
     scoreflow.main(flags + ["--steps", "10", "--sample-every", "0", "--ema-decay", "0",
-                            "--lr", "3e-3", "--warmup", "0"])
+                            "--lr", "3e-3", "--warmup", "0", "--workers", "0"])
     m = scoreflow.main(flags + ["--mode", "translate", "--src-class", "0", "--tgt-class", "1"])
     assert math.isfinite(m["fid_to_target"]) and 0 < m["psnr_to_source"] < 100
     assert m["l2_to_source"] > 0 and os.path.isfile(tmp_path / "run" / "translate_class_two-pass.png")
-    args = scoreflow.parse(flags)  # --bpd without --mode eval's FID (slow on CPU)
+    args = scoreflow.parse(flags + ["--n", "4"])  # --bpd without --mode eval's FID (slow on CPU)
     run, data = common.Run(args), common.load_data(args)
     net, classes, _ = scoreflow.load_model(args, run, args.ckpt, data.shape)
     scoreflow.likelihood(args, run, data, net, scoreflow.ScoreFlow(num_classes=classes))
@@ -2602,7 +2623,7 @@ def test_one_training_step_per_method_used_by_loop_bench_and_toy2d(tmp_path, mon
                "--out-dir", str(tmp_path / "a")] + few)
     integration_flow.main(small(tmp_path, "i", "--steps", "3", "--device", "cpu"))
     assert calls == {"asfm": 3, "if": 3}  # the training loops
-    asfm.main(["--stage", "asfm", "--mode", "bench", "--mem-size", "2", "--freq", "1",
+    asfm.main(["--stage", "asfm", "--mode", "bench", "--freq", "1",
                "--out-dir", str(tmp_path / "b")] + few)
     integration_flow.main(small(tmp_path, "j", "--mode", "bench", "--nfe", "1", "--device", "cpu"))
     assert calls["asfm"] > 3 and calls["if"] > 3  # --mode bench times the same step
@@ -2756,23 +2777,67 @@ ISSUE23_CASES = [
     ("hang: absurd toy2d steps", "toy2d", ["--steps", "100000000000000000000"], "--steps .* is out of range"),
     ("data loss: a second run into a live run's folder", "integration_flow", ["--out-dir", "{held}"],
      r"--out-dir .*held.* is in use by a live run \(pid \d+ on .*\): wait for it to finish"),
-    ("misleading: a negative lr", "asfm", ["--lr", "-1e-3"], r"--lr -0.001 is out of range: use a number > 0"),
+    ("misleading: a negative lr", "asfm", ["--lr", "-1e-3"], r"--lr -0.001 is out of range: use a finite number > 0"),
     ("misleading: guidance weight nan", "scoreflow", ["--cfg", "nan"], "--cfg nan is out of range: use a finite number"),
+    # issue 33: no flag is silently ignored
+    ("wrong result: training flags in --mode sample", "asfm",
+     ["--mode", "sample", "--ckpt", "{tmp}/asfm_run/ckpt.pt", "--lr", "0.5", "--steps", "99", "--ema-decay", "0.5"],
+     "--ema-decay, --steps, --lr do not apply to this run: --ema-decay, --steps are for --mode train; --lr is "
+     "for --mode train and bench; leave them out"),
+    ("wrong result: method training flags in --mode sample", "asfm",
+     ["--mode", "sample", "--ckpt", "{tmp}/asfm_run/ckpt.pt", "--mem-size", "7", "--lambda-adv", "3", "--freq", "2"],
+     "--freq, --lambda-adv, --mem-size do not apply to this run: --freq, --lambda-adv are for --mode train and "
+     "bench; --mem-size is for --mode train"),
+    ("wrong result: a sampling flag no --nfe reads", "consistency_func",
+     ["--mode", "sample", "--nfe", "1", "--two-step-sigma", "3"],
+     r"--two-step-sigma does not apply to this run: it is for two-step sampling \(--nfe with 2"),
+    ("wrong result: a toy2d target of a set-up not run", "toy2d", ["--methods", "rf", "--setups", "b", "--dist", "moons"],
+     "--dist names the target of set-up a, which --setups b does not run: add a to --setups, or leave --dist out"),
+    ("wrong result: a toy2d method twice", "toy2d", ["--methods", "rf,rf"], "--methods rf,rf names rf more than once"),
+    ("data loss: a corrupt checkpoint in the run folder", "asfm", ["--stage", "rf", "--out-dir", "{tmp}/corrupt_run"],
+     "cannot read checkpoint .*corrupt_run/ckpt.pt': it is corrupt or not one of ours; pass --overwrite to train "
+     "from scratch over it"),
+    ("misleading: the default class conditioning", "scoreflow",
+     ["--mode", "sample", "--ckpt", "{tmp}/sf_run/ckpt.pt", "--no-class-cond"],
+     "no --class-cond: .*sf_run/ckpt.pt was written with --class-cond: pass the same flags"),
+    ("misleading: an infinite weight", "asfm", ["--lambda-adv", "inf"],
+     "--lambda-adv inf is out of range: use a finite number >= 0"),
+    ("misleading: resume advice with nothing to resume", "asfm", ["--stage", "rf", "--lr", "1e30", "--log-every", "1"],
+     "loss became NaN/inf before step 2; stopped without saving, no checkpoint of this run was written: train "
+     "again with a lower --lr$"),
+    ("misleading: a folder that was never passed", "asfm",
+     ["--mode", "sample", "--ckpt", "{ro}/ckpt.pt", "--samples-out", "{tmp}/samples_elsewhere"],
+     r"the checkpoint's folder .*asfm_run \(the default --out-dir\): cannot write there \(Permission denied\); "
+     "pass --out-dir with a folder you can write to"),
+    ("misleading: another script's --init", "asfm", ["--stage", "reflow", "--init", "{tmp}/if_run/ckpt.pt"],
+     "--init .*if_run/ckpt.pt was written by integration_flow, not asfm-reflow: use the script that wrote it, "
+     "or another --init"),
 ]
 
 
 @pytest.mark.parametrize("cls, script, argv, msg", ISSUE23_CASES, ids=[c[0] for c in ISSUE23_CASES])
 def test_issue23_every_fault_class_ends_in_one_line(bad_inputs, held_folder, cls, script, argv, msg, capsys,
-                                                    tmp_path):
+                                                    tmp_path, monkeypatch):
     # one representative of each class found by trying bad inputs on a fresh clone; each ended
     # in a wrong result (exit 0), a traceback, a hang or a lost run before
-    argv = [a.replace("{tmp}", str(bad_inputs)).replace("{held}", str(held_folder)) for a in argv]
+    read_only, real_temporary_file = bad_inputs / "asfm_run", tempfile.TemporaryFile  # {ro}: a folder nobody may write to
+
+    def temporary_file(*a, dir=None, **kw):  # as root, chmod would not stop a write
+        if os.path.realpath(dir) == os.path.realpath(read_only):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_temporary_file(*a, dir=dir, **kw)
+    own_folder = not any("{ro}" in a for a in argv)  # else the run's folder is the checkpoint's
+    if not own_folder:
+        monkeypatch.setattr(common.tempfile, "TemporaryFile", temporary_file)
+    argv = [a.replace("{tmp}", str(bad_inputs)).replace("{held}", str(held_folder)).replace("{ro}", str(read_only))
+            for a in argv]
     if script == "toy2d":
         argv = ["--out", str(tmp_path / "toy2d")] + argv
     else:
         image = "folder" in argv
-        argv = (["--device", "cpu", "--width", "16", "--batch-size", "4" if image else "32", "--steps", "2",
-                 "--out-dir", str(tmp_path / "run")] + (["--workers", "0"] if image else []) + argv)
+        argv = (["--device", "cpu", "--width", "16", "--batch-size", "4" if image else "32"]
+                + (["--steps", "2"] if training(argv) else []) + (["--out-dir", str(tmp_path / "run")] if own_folder else [])
+                + (["--workers", "0"] if image else []) + argv)
     def written():  # the folders and checkpoints of the fixture's runs
         return sorted(os.listdir(bad_inputs)), {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{bad_inputs}/*/*.pt")}
     before = written()
@@ -2782,6 +2847,47 @@ def test_issue23_every_fault_class_ends_in_one_line(bad_inputs, held_folder, cls
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(msg, err), err
     assert written() == before  # nothing was trained or overwritten (and no --init auto 1-RF)
+
+
+# ---- issue 33: no flag is silently ignored, no slow run looks hung ------------------------
+
+def test_a_slow_first_step_is_announced_and_timed(tmp_path, capsys, monkeypatch):
+    # a first step of minutes (consistency_func.py --dataset digits --depth 1000) printed nothing
+    monkeypatch.setattr(common.Progress, "every", 0.2)  # 30 s in a real run
+    optimize = common.optimize
+
+    def slow_first_step(opt, loss, net, args, step):
+        time.sleep(1.5 if step == 0 else 0)
+        return optimize(opt, loss, net, args, step)
+    monkeypatch.setattr(common, "optimize", slow_first_step)
+    asfm.main(["--stage", "rf", "--steps", "3", "--log-every", "100", "--width", "16", "--device", "cpu",
+               "--out-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("step 1/3: not done after 0:00:00 (a slow first"))
+    assert re.match(r"step 1 done, 0:00:0[12] after the training loop started$", lines[i + 1])
+    assert lines[i + 2].startswith("step 1/3 | loss ")  # the first progress line, long before --log-every
+    assert lines[i + 3].startswith("step 3/3 | loss ") and len(lines) == i + 4
+
+
+def test_overwrite_starts_over_a_corrupt_checkpoint(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 a checkpoint cut short")
+    asfm.main(["--stage", "rf", "--steps", "1", "--width", "16", "--device", "cpu", "--out-dir", str(tmp_path),
+               "--overwrite"])
+    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
+
+
+def test_a_class_conditional_default_reads_as_class_cond(bad_inputs, tmp_path, capsys):
+    # the checkpoint left --class-cond to its default (classes when the data has them)
+    scoreflow.main(["--mode", "sample", "--ckpt", str(bad_inputs / "sf_run" / "ckpt.pt"), "--class-cond",
+                    "--n", "4", "--nfe", "1", "--out-dir", str(tmp_path)])
+    assert " class_cond=True " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_toy2d_md_records_the_command_as_run(tmp_path, monkeypatch):
+    argv = ["--methods", "ct", "--setups", "a", "--steps", "10", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["toy2d.py"] + argv)
+    toy2d.main()  # as from the shell: the flags come from sys.argv
+    assert (tmp_path / "toy2d.md").read_text().startswith(f"`python toy2d.py {' '.join(argv)}` — 1 runs")
 
 
 def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, capsys):
