@@ -2388,10 +2388,12 @@ def test_training_learns(cond_toy):
 def test_translate_cycle_rk45_near_zero(cond_toy):
     m = scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
                                "--tgt-class", "4", "--nfe", "2,rk45"])
-    assert m["cycle_rmse"] < 1e-3
+    # four adaptive solves (rtol = atol = 1e-5) through a flow that contracts onto its classes:
+    # 0.0018 on an AVX-512 machine, below 1e-3 on others; Euler 2 is ~0.3
+    assert m["cycle_rmse"] < 5e-3
     lines = sf_log_lines(cond_toy, "translate class nfe=")
     euler2 = float(re.search(r"cycle_rmse=(\S+)", lines[0]).group(1))
-    assert euler2 > 10 * m["cycle_rmse"]  # Euler with 2 steps is not reversible
+    assert euler2 > 30 * m["cycle_rmse"]  # Euler with 2 steps is not reversible
     assert m["sw2_to_target"] < m["sw2_source_to_target"]  # moved towards class 4
     assert os.path.isfile(os.path.join(cond_toy, "translate_class_two-pass.png"))
     d = scoreflow.main(SF_READ + ["--mode", "translate", "--out-dir", cond_toy, "--src-class", "0",
