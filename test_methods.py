@@ -1035,11 +1035,17 @@ def test_digits_fd_orders_real_blurred_noise_and_is_deterministic(digits_fd, tmp
         digits_fd.report(torch.zeros(4, 3, 16, 16))
 
 
-def test_photos_fd_sees_blur_noise_and_collapse(tmp_path):
+@pytest.fixture(scope="module")
+def photos_fd(tmp_path_factory):
+    """The photos classifier, trained once for these tests in a temporary cache folder."""
+    return common.ClassifierFD("photos", 16, str(tmp_path_factory.mktemp("photos-cache")))
+
+
+def test_photos_fd_sees_blur_noise_and_collapse(photos_fd):
     """photos-FD's classifier names a patch's region and its degradation: so blurred or noisy
     real patches, or patches of one photo only, score well above the floor (trained on regions
     alone, a 3x3 box blur scored 1.1x the floor)."""
-    fd = common.ClassifierFD("photos", 16, str(tmp_path))
+    fd = photos_fd
     train, held = common._photos(16)[0], common._photos(16, train=False)[0]
     assert fd.accuracy > 0.3  # 18 regions, many alike (sky, background): chance is 0.06
     floor, ceiling = fd.floor_and_ceiling()
@@ -2556,6 +2562,22 @@ def test_every_script_trains_on_digits_and_samples_from_the_checkpoint_alone(scr
     samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
     assert samples.shape == (4, 16, 16, 1) and samples.dtype == np.uint8
     assert os.path.isfile(os.path.join(out, "samples", "nfe1.png"))
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("asfm", ["--stage", "asfm", "--init", "none", "--mem-size", "2", "--mem-nfe", "2"]),
+    ("integration_flow", ["--n-conv", "8", "--conv-iters", "2"]),
+    ("consistency_func", ["--arch", "func", "--pretrain-epochs", "0"]),
+    ("scoreflow", [])])  # class-conditional on the 18 regions
+def test_every_script_trains_on_photos(script, extra, tmp_path, photos_fd):
+    out = str(tmp_path / "run")
+    os.makedirs(tmp_path / "fid_stats")  # ASFM's memory monitor scores with the cached classifier
+    shutil.copy(os.path.join(photos_fd.cache_dir, "photos_classifier-16.pt"), tmp_path / "fid_stats")
+    MODULES[script].main(["--dataset", "photos", "--steps", "2", "--batch-size", "8", "--width", "32",
+                          "--device", "cpu", "--out-dir", out, *extra])
+    MODULES[script].main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1", "--n", "4"])
+    samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
+    assert samples.shape == (4, 16, 16, 3) and samples.dtype == np.uint8
 
 
 def test_cm_eval_prints_noise_correlation(tmp_path, digits_fd, capsys):
