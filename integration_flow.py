@@ -42,6 +42,14 @@ Training (DDDM Algorithm 1):
         x1 after one epoch; the output bank converges to about x1 too (toy: mean ||bank_i - x1_i||
         0.07-0.14), and the two give the same numbers (README). Neither leaks the answer.
   --bank-update none trains plain x1 regression with a zero anchor (the baseline).
+  --bank-update self [NOT the paper's method: the reviewers' suggestion, "why shouldn't x-hat be
+        sampled independently for all new pairs, and the iterative update be done until
+        convergence?"]: no bank; every pair gets, drawn fresh, the anchor the sampler would give it
+        from the same noisy point x_t: a_0 ~ N(0, I), a_(k+1) = sg(G(x_t, t, a_k)) for k < K
+        (--anchor-iters; the online network, clamped to [-1, 1] for images as the sampler does),
+        anchor_i = a_K. At t = T this is the sampler's anchor at its (K+1)-th call; at t < T the
+        same iteration from x_t (the sampler never runs it there). The anchor never comes from
+        the example's bank slot or from x1; logs['anchor_change'] is ||a_K - a_(K-1)||.
   d = pseudo-Huber sqrt(||a - b||^2 + c^2) - c over the whole sample, c = --huber-c sqrt(dim)
       [reconstructed: DDDM applies it per element with c = 1.4e-4, close to L1], or l2
       (mean squared error). Only L2's minimizer is the conditional mean: for L2 the optimum is
@@ -58,10 +66,16 @@ The answer (README): the bank converges to about x1. At t = T, x_T carries no in
 x1, so the regression target is the mean of the data or a copy of the anchor; as the anchors
 seen in training become data (w -> 0), it learns to return its anchor, and a random N(0, I)
 anchor at sampling comes back about unchanged.
+--bank-update self answers the reviewers' other question (README, toy): drawn fresh, the anchor
+carries nothing about x1 beyond x_t, so for L2 the optimum is G(x_t, t, a) = w E[x1 | x_t] +
+(1 - w) a, whose one fixed point is plain regression's E[x1 | x_t]. The sampler's iteration then
+converges (the banks' diverges), to x_T (K = 1: out = x_t zeroes the anchor term, and the data
+term fades with w) or, with larger K or w, to E[x1 | x_T], the data mean: it does not generate.
 
 Commands:
   python integration_flow.py                                   # CPU toy, 8 gaussians, ~1 min
   python integration_flow.py --bank-update none                # plain x1-regression baseline
+  python integration_flow.py --bank-update self --anchor-iters 1   # the reviewers' suggestion
   python integration_flow.py --mode sample --nfe 1,2,4,8       # scatter plots in runs/.../samples
   python integration_flow.py --mode bench                      # step time vs a plain RF step
   python integration_flow.py --dataset digits                  # 16x16 digits, anchor by cross-attention
@@ -103,10 +117,10 @@ class IntegrationFlow:
     def __init__(self, ode="rf", param="paper", distance="l2", huber_c=0.00054,
                  bank_update="output", vp_steps=1000, vp_schedule="linear", vp_betas=(1e-4, 0.02),
                  sigma_min=0.01, sigma_max=50.0, sigma_data=0.5, anchor_input="concat",
-                 sampler="anchor", images=False):
+                 sampler="anchor", images=False, anchor_iters=1):
         self.ode, self.param, self.distance, self.huber_c = ode, param, distance, huber_c
         self.anchor_input, self.sampler, self.images = anchor_input, sampler, images
-        self.bank_update, self.N = bank_update, vp_steps
+        self.bank_update, self.N, self.anchor_iters = bank_update, vp_steps, anchor_iters
         self.smin, self.smax, self.sigma_data = sigma_min, sigma_max, sigma_data
         if vp_schedule == "linear":  # DDPM betas, scaled so any N gives the same process
             scale = 1000 / vp_steps
@@ -171,12 +185,30 @@ class IntegrationFlow:
         c = self.huber_c * math.sqrt(diff.shape[1])
         return (diff.pow(2).sum(1) + c * c).sqrt() - c
 
+    # ---- the anchor iteration a <- G(x_t, t, a): Algorithm 2's step, and --bank-update self's -----
+    def anchor_step(self, net, x_t, time, a, images):
+        """G(x_t, t, a), clamped to [-1, 1] for images after every iteration (as DDDM samples)."""
+        new = self.denoise(net, x_t, time, a).float()
+        return new.clamp(-1, 1) if images else new
+
+    @torch.no_grad()
+    def sampler_anchor(self, net, x_t, time):
+        """--bank-update self [the reviewers' suggestion, not the paper's]: the anchor the sampler
+        would give this pair, from the same (x_t, t): a_0 ~ N(0, I), then K = anchor_iters
+        stop-gradient iterations. Returns (a_K, ||a_K - a_(K-1)|| per example)."""
+        a = torch.randn_like(x_t)  # drawn only by this variant: the others' draws are unchanged
+        for _ in range(self.anchor_iters):
+            previous, a = a, self.anchor_step(net, x_t, time, a, self.images)
+        return a, (a - previous).flatten(1).norm(dim=1)
+
     # ---- Algorithm 1 (one step of it: read the anchors, loss, write the bank) ---------------
     def loss(self, net, x1, idx, bank, w, hflip=False):
         """L = mean(w d(out, x1) + (1 - w) d(out, anchor)), anchor = bank[idx] (the batch's global
         indices; bank None: --bank-update none); then bank[idx] <- out (or x1, --bank-update data).
+        --bank-update self keeps no bank (one passed is ignored): anchor = sampler_anchor(x_t, t).
         hflip flips images and their anchors with one mask (the bank stays unflipped). Used by
         train, bench and toy2d.py. Returns (loss, logs), logs['anchor_change'] ||new - old||."""
+        bank = bank if self.bank_update in BANKS else None
         anchor = bank.read(idx) if bank is not None else torch.zeros_like(x1)
         flip = torch.rand(x1.shape[0], 1, 1, 1, device=x1.device) < 0.5 if hflip else None
         if flip is not None:
@@ -186,6 +218,8 @@ class IntegrationFlow:
         x_t = alpha * x1 + sigma * torch.randn_like(x1)
         if self.bank_update == "none":  # plain x1 regression: zero anchor, w = 1
             anchor, w = torch.zeros_like(x1), 1.0
+        elif self.bank_update == "self":  # drawn fresh for this pair, from its x_t
+            anchor, change = self.sampler_anchor(net, x_t, time)
         out = self.denoise(net, x_t, time, anchor.to(x1.dtype))
         d_data, d_anchor = self.d(out, x1).mean(), self.d(out, anchor).mean()
         loss = w * d_data + (1 - w) * d_anchor
@@ -193,6 +227,8 @@ class IntegrationFlow:
         if bank is not None:
             new = out.detach().float() if self.bank_update == "output" else x1.float()
             logs["anchor_change"] = bank.write(idx, torch.where(flip, new.flip(3), new) if hflip else new)
+        elif self.bank_update == "self":
+            logs["anchor_change"] = change
         return loss, logs
 
     # ---- Algorithm 2: anchor iteration (and the labeled re-noising extension) ------------
@@ -220,11 +256,13 @@ class IntegrationFlow:
                 time = self.level(1 - k / nfe, B, dev)
                 alpha, sigma = self.coeffs(time, x0.ndim)
                 x_t = alpha * a + sigma * torch.randn_like(x0)
-            new = self.denoise(net, x_t, time, torch.zeros_like(x0) if free else a).float()
-            new = new.clamp(-1, 1) if images else new  # DDDM clamps image samples each iteration
+            new = self.anchor_step(net, x_t, time, torch.zeros_like(x0) if free else a, images)
             changes.append((new - a).flatten(1).norm(dim=1).mean().item())
             a = new
         return a, {"nfe": nfe, "change": changes}
+
+
+BANKS = ("output", "data")  # the --bank-update rules that keep a bank (self and none keep none)
 
 
 class AnchorBank:
@@ -275,16 +313,18 @@ def train(args, run, data, net, method):
     ema = common.EMA(net, args.ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     bank = None
-    if method.bank_update != "none":
+    if method.bank_update in BANKS:
         dtype = torch.float16 if args.bank_dtype == "float16" else torch.float32
         bank = AnchorBank(len(data), data.shape, dtype, run.device, args.seed)
     history, acc = [], torch.zeros(2, device=run.device)  # per-epoch change; (sum, count) now
     start, ckpt, _ = run.resume(net=net, ema=ema, opt=opt)
-    if ckpt is not None and bank is not None:
-        if "bank" not in ckpt["state"]:
-            raise common.UserError(f"checkpoint '{run.ckpt_path}' has no anchor bank (trained with "
-                                   "--bank-update none): pass the same flag or another --out-dir")
-        bank.anchors.copy_(ckpt["state"]["bank"])
+    if ckpt is not None and method.bank_update != "none":  # the bank (output, data), the change history
+        need = ["anchor_change"] + (["bank"] if bank is not None else [])
+        if any(k not in ckpt["state"] for k in need):
+            raise common.UserError(f"checkpoint '{run.ckpt_path}' has no {' or '.join(need)} (trained with "
+                                   "another --bank-update): pass the same flag or another --out-dir")
+        if bank is not None:
+            bank.anchors.copy_(ckpt["state"]["bank"])
         history = ckpt["state"]["anchor_change"].tolist()
         acc.copy_(ckpt["state"]["anchor_acc"])
     model = run.wrap(net)
@@ -298,7 +338,7 @@ def train(args, run, data, net, method):
             loss, logs = method.loss(model, x1, idx, bank, w, hflip=args.hflip and data.is_image)
         common.optimize(opt, loss, net, args, step)
         ema.update(net, step)
-        if bank is not None:
+        if "anchor_change" in logs:  # the bank's write, or self's ||a_K - a_(K-1)|| (under DDP: this rank's)
             change = logs["anchor_change"]
             acc += torch.stack([change.sum(), torch.tensor(float(change.numel()), device=change.device)])
             logs["anchor_change"] = change.mean()
@@ -309,10 +349,11 @@ def train(args, run, data, net, method):
         run.log(step + 1, loss, **logs)
         if run.due(step + 1, args.ckpt_every) or step + 1 == args.steps:
             extra = {}
+            if method.bank_update != "none":
+                extra = dict(anchor_change=torch.tensor(history, dtype=torch.float64), anchor_acc=acc)
             if bank is not None:
                 bank.check_consistent()
-                extra = dict(bank=bank.anchors, anchor_change=torch.tensor(history, dtype=torch.float64),
-                             anchor_acc=acc)
+                extra["bank"] = bank.anchors
             run.save(step + 1, net=net, ema=ema, opt=opt, **extra)
         if run.master and run.due(step + 1, args.sample_every):
             common.write_samples(args, data, common.sampler(method.sample, ema.model, data, run), run)
@@ -330,17 +371,19 @@ def report(args, run, data, net, method, history):
     per_iter = method.sample(net, z, args.conv_iters)[1]["change"]
     run.print("sampling: mean ||a_(k+1) - a_k|| per iteration: "
               + " ".join(f"{c:.3g}" for c in per_iter))
-    plot_convergence(history, per_iter, os.path.join(args.out_dir, "anchor_convergence.png"))
+    plot_convergence(history, per_iter, os.path.join(args.out_dir, "anchor_convergence.png"),
+                     f"training: a_K vs a_(K-1), K = {method.anchor_iters}" if method.bank_update == "self"
+                     else "training: bank update")
     if not data.is_image:
         common.evaluate(args, run, data, common.sampler(method.sample, net, data, run), n=args.fid_n)
 
 
-def plot_convergence(per_epoch, per_iter, path):
+def plot_convergence(per_epoch, per_iter, path, train_title="training: bank update"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, ys, xl, title in ((axes[0], per_epoch, "epoch", "training: bank update"),
+    for ax, ys, xl, title in ((axes[0], per_epoch, "epoch", train_title),
                               (axes[1], per_iter, "sampling iteration k", "sampling: a_k -> a_(k+1)")):
         ax.semilogy(range(len(ys)), [max(y, 1e-12) for y in ys], marker=".")
         ax.set(xlabel=xl, ylabel="mean ||a_new - a_old||", title=title)
@@ -354,10 +397,12 @@ def plot_convergence(per_epoch, per_iter, path):
 #################################################################################
 
 def bench(args, run, data, net, method):
-    """Step time of Integration Flow (bank read, loss, update, bank write) vs a plain
-    rectified-flow regression step on the same backbone without the anchor channels."""
+    """Step time of Integration Flow (bank read, loss, update, bank write; or self's K anchor
+    iterations, loss, update) vs a plain rectified-flow regression step on the same backbone
+    without the anchor channels."""
     B, dev = run.local_batch, run.device
-    bank = AnchorBank(max(len(data), B), data.shape, device=dev, seed=args.seed)
+    bank = AnchorBank(max(len(data), B), data.shape, device=dev, seed=args.seed) if method.bank_update in BANKS \
+        else None
     x1 = torch.randn(B, *data.shape, device=dev)
     idx = torch.arange(B, device=dev)
     rf_net = common.build_net(args, data.shape).to(dev)
@@ -365,7 +410,7 @@ def bench(args, run, data, net, method):
 
     def if_step():
         with run.autocast:
-            loss, _ = method.loss(net, x1, idx, bank if method.bank_update != "none" else None, 0.5)
+            loss, _ = method.loss(net, x1, idx, bank, 0.5)
         common.optimize(opt, loss, net, args, 10**9)
 
     def rf_step():
@@ -376,7 +421,8 @@ def bench(args, run, data, net, method):
         common.optimize(rf_opt, loss, rf_net, args, 10**9)
 
     fn = common.sampler(method.sample, net, data, run)
-    run.print("Integration Flow step:")
+    iters = f", K = {method.anchor_iters} anchor iterations without gradient" if method.bank_update == "self" else ""
+    run.print(f"Integration Flow step (--bank-update {method.bank_update}{iters}):")
     ours = common.benchmark(run, if_step, fn, args.nfe_list, B)
     run.print("plain rectified-flow step, same backbone:")
     base = common.benchmark(run, rf_step, fn, [], B)
@@ -400,19 +446,22 @@ def build_method(args):
         raise common.UserError("--sigma-min and --sigma-max need 0 < sigma-min < sigma-max")
     return IntegrationFlow(args.ode, args.param, args.distance, args.huber_c, args.bank_update,
                            args.vp_steps, args.vp_schedule, betas, args.sigma_min, args.sigma_max,
-                           args.sigma_data, args.anchor_input, args.sampler, args.is_image)
+                           args.sigma_data, args.anchor_input, args.sampler, args.is_image, args.anchor_iters)
 
 
 # this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work)
 RANGES = {"huber_c": "(0, inf)", "w": "[0, 1]", "vp_steps": "[2, 100000]", "sigma_min": "(0, inf)",
-          "sigma_max": "(0, inf)", "sigma_data": "(0, inf)", "conv_iters": "[1, 10000]", "n_conv": "[1, inf)"}
+          "sigma_max": "(0, inf)", "sigma_data": "(0, inf)", "conv_iters": "[1, 10000]", "n_conv": "[1, inf)",
+          "anchor_iters": "[1, 10000]"}
 VE_ONLY = (lambda a: a.ode == "ve", "--ode ve")
-BANK = (lambda a: a.bank_update != "none", "training with an anchor bank")
+ANCHOR = (lambda a: a.bank_update != "none", "training with an anchor (--bank-update output, data or self)")
+BANK = (lambda a: a.bank_update in BANKS, "training with an anchor bank (--bank-update output or data)")
 APPLIES = {"distance": common.TRAINING_STEPS,
            "huber_c": [common.TRAINING_STEPS,
                        (lambda a: a.distance == "pseudo-huber", "--distance pseudo-huber")],
-           "w": [common.TRAINING, BANK, (lambda a: a.w_schedule == "const", "--w-schedule const")],
-           "w_schedule": [common.TRAINING, BANK], "bank_dtype": [common.TRAINING, BANK],
+           "w": [common.TRAINING, ANCHOR, (lambda a: a.w_schedule == "const", "--w-schedule const")],
+           "w_schedule": [common.TRAINING, ANCHOR], "bank_dtype": [common.TRAINING, BANK],
+           "anchor_iters": [common.TRAINING_STEPS, (lambda a: a.bank_update == "self", "--bank-update self")],
            **dict.fromkeys(["conv_iters", "n_conv"], common.TRAINING),  # the plot at the end of training
            **dict.fromkeys(["vp_steps", "vp_schedule"], (lambda a: a.ode == "vp", "--ode vp")),
            "param": (lambda a: a.ode != "vp", "--ode ve and rf (vp's is always out = x_t - F)"),
@@ -436,10 +485,15 @@ def main(argv=None):
     a("--ode", default=None, choices=("vp", "ve", "rf"), help="forward process (default: preset)")
     a("--param", default="paper", choices=("paper", "residual"),
       help="paper: per-ODE form in the docstring; residual: out = x_t - F for all")
-    a("--bank-update", default="output", choices=("output", "data", "none"),
+    a("--bank-update", default="output", choices=("output", "data", "self", "none"),
       help="output: the model's estimate (the paper's text); data: the clean x1 (the released code); "
-           "both banks converge to about x1 and give the same numbers; "
+           "both banks converge to about x1 and give the same numbers; self: no bank, each pair's "
+           "anchor drawn fresh as the sampler draws it, a_0 ~ N(0, I) then --anchor-iters iterations "
+           "of the model's own estimate at the same x_t (the reviewers' suggestion, NOT the paper's); "
            "none: plain x1 regression without anchor (baseline)")
+    a("--anchor-iters", type=int, default=1,
+      help="--bank-update self: K, the anchor iterations per training pair (each a forward pass "
+           "without gradient; the sampler's (K+1)-th call sees the same kind of anchor)")
     a("--anchor-input", default=None, choices=("concat", "xattn"),
       help="xattn: x_t alone is the input, the anchor only cross-attention tokens without positions "
            "(DDDM; default for --arch unet); concat: anchor as extra input channels (deviation; "

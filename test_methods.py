@@ -1545,6 +1545,61 @@ def test_distances_and_loss():
     assert loss.item() == pytest.approx(logs["d_data"].item()) and "anchor_change" not in logs
 
 
+class AffineNet(torch.nn.Module):
+    """F = 0.5 x - 0.8 anchor + 0.1: depends on its input and its anchor; records every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y=None, extra=None):
+        self.calls.append((x.clone(), t.clone(), extra.clone()))
+        return 0.5 * x - 0.8 * extra + 0.1
+
+
+def test_self_anchor_is_the_models_own_iteration_from_noise():
+    """--bank-update self (the reviewers' suggestion): the anchor the network sees in training is
+    a_K of the sampler's iteration a_(k+1) = G(x_t, t, a_k), from a fresh a_0 ~ N(0, I), at the
+    pair's own x_t and t; never the example's bank slot (even if a bank is passed), never x1."""
+    m = integration_flow.IntegrationFlow(ode="rf", distance="l2", bank_update="self", anchor_iters=3)
+    x1, idx = 100 + torch.randn(8, 2), torch.arange(2, 10)
+    bank = integration_flow.AnchorBank(12, (2,), seed=1)
+    before, net = bank.anchors.clone(), AffineNet()
+    torch.manual_seed(0)
+    loss, logs = m.loss(net, x1, idx, bank, 0.3)
+    torch.manual_seed(0)  # the same draws, in the loss's order: t, the noise of x_t, then a_0
+    t = m.sample_time(8, "cpu")
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * torch.randn_like(x1)
+    G = lambda a: x_t + (1 - t[:, None]) * (0.5 * x_t - 0.8 * a + 0.1)  # noqa: E731  (rf: out = x_t + (1 - t) F)
+    anchors = [torch.randn_like(x1)]
+    for _ in range(3):
+        anchors.append(G(anchors[-1]))
+    assert len(net.calls) == 4  # K = 3 iterations without gradient, then the trained call
+    for (x_in, t_in, a_in), want in zip(net.calls, anchors):
+        assert torch.equal(x_in, x_t) and torch.equal(t_in, t)  # the same noisy point and time
+        assert torch.allclose(a_in, want, atol=1e-5)
+    out = G(anchors[3])
+    assert loss.item() == pytest.approx((0.3 * (out - x1).pow(2).mean() + 0.7 * (out - anchors[3]).pow(2).mean()).item(),
+                                        rel=1e-5)
+    assert torch.allclose(logs["anchor_change"], (anchors[3] - anchors[2]).norm(dim=1), atol=1e-4)
+    assert torch.equal(bank.anchors, before)  # the bank is neither read nor written
+    # images: every iteration clamped to [-1, 1], as the sampler clamps (VE: x enters as c_in x_t)
+    img = integration_flow.IntegrationFlow(ode="ve", bank_update="self", anchor_iters=2, images=True)
+    net, x1 = AffineNet(), torch.rand(4, 1, 4, 4) * 2 - 1
+    torch.manual_seed(1)
+    img.loss(net, x1, torch.arange(4), None, 0.5)
+    torch.manual_seed(1)
+    sigma = img.sample_time(4, "cpu")
+    x_t = x1 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x1)
+    a = torch.randn_like(x1)
+    assert len(net.calls) == 3 and torch.equal(net.calls[0][2], a)
+    for _, _, a_in in net.calls[1:]:
+        with torch.no_grad():
+            free = img.anchor_step(AffineNet(), x_t, sigma, a, False)
+        a = free.clamp(-1, 1)
+        assert (free.abs() > 1).any() and torch.allclose(a_in, a, atol=1e-5)
+
+
 # ---- anchor bank ---------------------------------------------------------------
 
 def test_bank_init_read_write():
@@ -1567,14 +1622,14 @@ def test_bank_init_read_write():
     assert half.anchors.dtype == torch.float16 and half.read(torch.tensor([0])).dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode", ["output", "data", "none"])
+@pytest.mark.parametrize("mode", ["output", "data", "none", "self"])
 def test_bank_update_modes_in_training(tmp_path, mode):
     path, x = points_file(tmp_path)
     integration_flow.main(small(tmp_path, mode, "--dataset", "points", "--data-dir", path, "--steps", "1",
                   "--bank-update", mode))
     ckpt = common.load_checkpoint(str(tmp_path / mode / "ckpt.pt"))
-    if mode == "none":
-        assert "bank" not in ckpt["state"]
+    if mode in ("none", "self"):  # self draws its anchors fresh: no bank, but the change history
+        assert "bank" not in ckpt["state"] and ("anchor_change" in ckpt["state"]) == (mode == "self")
         return
     init = integration_flow.AnchorBank(len(x), (2,), seed=0).anchors
     bank = ckpt["state"]["bank"]
@@ -1586,9 +1641,10 @@ def test_bank_update_modes_in_training(tmp_path, mode):
         assert (bank[changed] - x[changed]).norm(dim=1).min() > 1e-3
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("mode", ["output", "self"])
+def test_resume_is_exact(tmp_path, mode):
     path, _ = points_file(tmp_path)
-    base = ["--dataset", "points", "--data-dir", path, "--ckpt-every", "6"]
+    base = ["--dataset", "points", "--data-dir", path, "--ckpt-every", "6", "--bank-update", mode]
     integration_flow.main(small(tmp_path, "a", *base, "--steps", "14"))
     integration_flow.main(small(tmp_path, "b", *base, "--steps", "6"))
     integration_flow.main(small(tmp_path, "b", *base, "--steps", "14", "--resume"))
@@ -1596,7 +1652,8 @@ def test_resume_is_exact(tmp_path):
     for key in ("net", "ema"):
         for k in a["state"][key]:
             assert torch.equal(a["state"][key][k], b["state"][key][k]), (key, k)
-    assert torch.equal(a["state"]["bank"], b["state"]["bank"])
+    if mode == "output":
+        assert torch.equal(a["state"]["bank"], b["state"]["bank"])
     hist = a["state"]["anchor_change"]
     assert len(hist) == 3 and torch.equal(hist, b["state"]["anchor_change"])  # 4 steps per epoch
     assert os.path.isfile(tmp_path / "b" / "anchor_convergence.png")
