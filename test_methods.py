@@ -1114,6 +1114,8 @@ def test_asfm_generator_and_r1_terms_by_hand():
     loss, logs = method.discriminator_loss(D, x_real, x_fake)
     expect = F.softplus(-(x_real @ w)).mean() + F.softplus(x_fake @ w).mean() + 0.5 * 0.2 * 5.0
     assert loss.item() == pytest.approx(expect.item()) and logs["r1"].item() == pytest.approx(5.0)
+    # D's accuracy, the log's d_acc: real scores (1, -2) -> half right; fake scores 0 -> not < 0
+    assert logs["d_acc"].item() == pytest.approx((0.5 + 0.0) / 2)
     v = lambda x, t, y=None: torch.ones_like(x)  # noqa: E731
     z, x1 = torch.zeros(3, 2), torch.ones(3, 2) * 2
     torch.manual_seed(0)
@@ -1163,6 +1165,10 @@ def test_memory_pairs_come_from_the_current_model():
 def test_asfm_presets_follow_the_memory_rule_and_the_digits_ablations():
     tiny = asfm.parse(["--dataset", "digits"])  # the memory holds at least the 1500 training digits
     assert tiny.mem_size * tiny.batch_size >= common.DIGITS_TRAIN and (tiny.same_t, tiny.freq) == (True, 20)
+    # the game that beat 2-RF on photos and digits (README, ASFM: 3 seeds each); the earlier
+    # r1 0.01 / lambda_adv 0.1 lost to 2-RF on photos
+    assert (tiny.r1, tiny.lambda_adv) == (10.0, 0.3)
+    assert asfm.parse(["--dataset", "photos"]).mem_size == tiny.mem_size  # the rule did not help there
     assert asfm.parse(["--dataset", "digits", "--no-same-t"]).same_t is False  # Algorithm 1's t2
     cifar = asfm.parse(["--dataset", "cifar10", "--data-dir", "nowhere"])
     assert cifar.mem_size * cifar.batch_size >= 60_000 and cifar.same_t is False
@@ -2626,12 +2632,16 @@ def test_every_script_trains_on_digits_and_samples_from_the_checkpoint_alone(scr
     ("integration_flow", ["--n-conv", "8", "--conv-iters", "2"]),
     ("consistency_func", ["--arch", "func", "--pretrain-epochs", "0"]),
     ("scoreflow", [])])  # class-conditional on the 18 regions
-def test_every_script_trains_on_photos(script, extra, tmp_path, photos_fd):
+def test_every_script_trains_on_photos(script, extra, tmp_path, photos_fd, capsys):
     out = str(tmp_path / "run")
     os.makedirs(tmp_path / "fid_stats")  # ASFM's memory monitor scores with the cached classifier
     shutil.copy(os.path.join(photos_fd.cache_dir, "photos_classifier-16.pt"), tmp_path / "fid_stats")
     MODULES[script].main(["--dataset", "photos", "--steps", "2", "--batch-size", "8", "--width", "32",
                           "--device", "cpu", "--out-dir", out, *extra])
+    if script == "asfm":  # the memory against the data set's size, and D's accuracy in the log
+        printed = capsys.readouterr().out
+        assert "training memory: 2 batches x 8 = 16 pairs for 2080 training examples (0.01x" in printed
+        assert re.search(r"step 2/2 .*\| d_acc [01]\.?\d* \|.*\| mem_fd \d", printed), printed
     MODULES[script].main(["--mode", "sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--nfe", "1", "--n", "4"])
     samples = np.load(os.path.join(out, "samples", "nfe1.npz"))["samples"]
     assert samples.shape == (4, 16, 16, 3) and samples.dtype == np.uint8
