@@ -34,11 +34,7 @@ Their CIFAR-10 memory reads as 512 batches of 128 (their "512 x 128", like AFHQ'
 128 of 512 (a reviewer's "128 batches"; "(1600 + 127) x 512" generated pairs): the same 65,536
 pairs, and as pairs are drawn uniformly from all of them, the readings differ only in how many
 pairs a refresh writes (one training batch here; 128 x 512 at --freq F = 512 x 128 at F / 4).
-Choices measured (README.md, ASFM): on digits, the tiny preset shares t (--same-t) and refreshes
-every 20 steps: 1.5x a 1-RF step instead of 4x, at the same digits-FD. On photos (a second data
-set), the earlier tiny game (gamma 0.01, lambda_adv 0.1) let D's gradient at the data grow and the
-memory drift, and lost to 2-RF; gamma 10 with lambda_adv 0.3 keeps both flat and beats 2-RF on
-photos and digits (3 seeds each), though on digits by less than the earlier game did.
+The tiny preset's choices (--same-t, --freq 20, gamma 10, lambda_adv 0.3) are measured in README.md.
 
 Commands:
     python asfm.py                                   # CPU toy (8gaussians): 1-RF, then ASFM
@@ -67,12 +63,10 @@ import common
 # (rf_steps, the --steps of --stage rf), memory. 1-RF follows RF's optimizer recipe (Adam 2e-4) on
 # our DDPM-style U-Net (38.3M), not RF's DDPM++ (62M). Memory sizes follow the authors' rule
 # (mem_size x batch >= the data set; CelebA: their storage-bound 64 batches). [reconstructed]
-# steps, freq, lambda_adv, r1, from the ablations in README.md: on digits (tiny) same_t and freq
-# 20 cut the step from 4x to 1.5x a 1-RF step at the same digits-FD; r1 10 with lambda_adv 0.3 was
-# picked on photos (seed 0; the earlier 0.01 / 0.1 lost to 2-RF there) and beats 2-RF on both data
-# sets over 3 seeds; the memory stays 24 batches whatever the data set's size (the authors' rule,
-# 33 batches on photos, did not help). On the toy lambda_adv 1 beats 0.1 on 3 of 3 seeds. Paper
-# presets keep Algorithm 1 and are not measured.
+# tiny (README.md, ASFM): same_t and freq 20 make a step 1.5x a 1-RF step (4x before) at the same
+# digits-FD; r1 10 with lambda_adv 0.3 (picked on photos' seed 0; r1 0.01 / 0.1 lost to 2-RF there)
+# beats 2-RF on photos and digits over 3 seeds; 24 memory batches whatever the data set's size (the
+# authors' rule did not help on photos). Toy: lambda_adv 1. Paper presets: Algorithm 1, unmeasured.
 PRESETS = {
     "toy": dict(common.PRESETS["toy"], steps=2000, rf_steps=5000, mem_size=40, freq=5, r1=0.1,
                 lambda_adv=1.0, same_t=False, reflow_pairs=20_000, ema_decay=0.995),
