@@ -446,24 +446,24 @@ def sample_at(img, coords):
 
 class FuncGenerator(nn.Module):
     """CM-Func's generator: noisy image -> image *function*, rendered at any resolution.
-    [reconstructed] (the paper's generator is not public). Design: Trans-INR (Chen & Wang 2022)
-    weight tokens plus a LIIF-style local feature path (Chen et al. 2021):
+    [reconstructed] (the paper's generator is not public). A DiT on the patches of x (adaLN-Zero
+    blocks conditioned on the noise embedding t, scaled by 1000 inside it like every network
+    here) extracts features; a head turns them into a function of continuous coordinates c in
+    [-1, 1]^2, a ReLU MLP of `inr_depth` layers evaluated on all pixels of a grid at once:
 
-    - feature extraction: DiT on the patches of x with adaLN-Zero blocks conditioned on the
-      noise embedding t (t is multiplied by 1000 inside the embedding, like every network here);
-    - global part, Trans-INR: learned weight tokens are appended to the patch sequence; after
-      the blocks, the g tokens of layer l each give one row-scale vector of length fan_in, which
-      modulates the shared base weight of that layer (column j uses token j mod g), then every
-      column is normalized to unit length; biases are the shared base biases;
-    - local part, LIIF: the patch tokens are unpatchified into a `feat`-channel feature map at
-      the input's resolution; the function at coordinate c reads that map and the input x
-      bilinearly at c (sample_at). Why: a function of (Fourier features, global weights) alone
-      cannot cancel pixel-level noise (measured: it kept exactly c_skip of the input noise),
-      while the local features carry per-pixel information like a DiT's output does, and a
-      bilinear read keeps the function continuous, so it still renders at any resolution;
-    - the INR: [Fourier features cos/sin(pi w c), w geometric in [1, image_size/2] (the training
-      grid's Nyquist rate); local features at c] -> `inr_depth` linear layers with the generated
-      weights, ReLU between them -> C channels, evaluated on all pixels of a grid at once.
+    - head="tokens" (Trans-INR, Chen & Wang 2022): learned weight tokens appended to the patch
+      sequence; after the blocks, the g tokens of layer l each give one row-scale vector of
+      length fan_in that modulates the shared base weight of that layer (column j uses token
+      j mod g), then every column is normalized to unit length; biases are the shared base
+      biases. Input at c: Fourier features cos/sin(pi w c) (w geometric in [1, image_size/2],
+      the training grid's Nyquist rate), plus with local=True (LIIF-style) the patch tokens
+      unpatchified to a `feat`-channel map read bilinearly at c;
+    - head="patch" (LIIF's local ensemble, Chen et al. 2021): each patch token gives a code of
+      `feat` numbers; at c the shared MLP reads the code of each of the 4 nearest patch
+      centres v with Fourier features of c - v, and the 4 outputs are blended with bilinear
+      weights, so the patch functions join into one continuous function. Last layer zero-init,
+      like the DiT's, so F = 0 at the start;
+    - raw=True (either head) also feeds the noisy input x itself, read bilinearly at c.
 
     forward(x, t, coords=None) renders on coords (default: x's pixel-centre grid), so the
     network plugs into code written for U-Net/DiT; `functions = generate(x, t)` once, then
@@ -474,7 +474,7 @@ class FuncGenerator(nn.Module):
 
     def __init__(self, in_ch=3, image_size=32, patch=2, width=384, depth=12, heads=6, dropout=0.0,
                  num_classes=0, inr_width=64, inr_depth=3, groups=None, fourier=16, max_freq=None,
-                 jitter=True, feat=16):
+                 jitter=True, feat=16, head="tokens", raw=True, local=True):
         super().__init__()
         if image_size % patch:
             raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
@@ -482,22 +482,32 @@ class FuncGenerator(nn.Module):
         if inr_depth < 2 or inr_width % groups:
             raise UserError(f"--inr-depth must be >= 2 and --inr-width ({inr_width}) a multiple "
                             f"of the {groups} weight-token groups")
-        self.out_ch, self.image_size, self.jitter = in_ch, image_size, jitter
-        self.patch, self.grid, self.feat = patch, image_size // patch, feat
+        if head not in ("tokens", "patch"):
+            raise UserError(f"--inr-head {head}: use tokens or patch")
+        self.out_ch, self.image_size, self.jitter, self.head = in_ch, image_size, jitter, head
+        self.patch, self.grid, self.feat, self.raw = patch, image_size // patch, feat, raw
+        self.local = local and head == "tokens"  # the patch head is local by construction
         self.embed = nn.Conv2d(in_ch, width, patch, stride=patch)
         self.register_buffer("pos", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.cond = Conditioning(256, width, num_classes)
         self.blocks = nn.ModuleList([DiTBlock(width, heads, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), zero_(nn.Linear(width, 2 * width)))
-        self.local = nn.Linear(width, patch * patch * feat)  # patch token -> p x p feature pixels
-        # the INR's Fourier frequencies (fixed) and layer shapes (fan_in + 1 bias row, fan_out)
-        max_freq = max_freq or image_size / 2
+        max_freq = max_freq or image_size / 2  # the Fourier frequencies (fixed)
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), fourier)),
                              persistent=False)
-        dims = [4 * fourier + feat + in_ch] + [inr_width] * (inr_depth - 1) + [in_ch]
+        dims = [4 * fourier + (in_ch if raw else 0)] + [inr_width] * (inr_depth - 1) + [in_ch]
+        if head == "patch":
+            dims[0] += feat
+            self.code = nn.Linear(width, feat)  # patch token -> its function's code
+            self.mlp = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+            zero_(self.mlp[-1])
+            return
+        dims[0] += feat if self.local else 0
+        if self.local:
+            self.to_map = nn.Linear(width, patch * patch * feat)  # patch token -> p x p feature pixels
         self.base, self.post, self.ranges, n = nn.ParameterList(), nn.ModuleList(), [], 0
-        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):  # (fan_in + 1 bias row, fan_out)
             layer = nn.Linear(fan_in, fan_out)  # PyTorch's default init for the shared base
             self.base.append(nn.Parameter(torch.cat([layer.weight.T, layer.bias[None]]).detach()))
             self.post.append(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, fan_in)))
@@ -507,48 +517,75 @@ class FuncGenerator(nn.Module):
         self.tokens = nn.Parameter(torch.randn(1, n, width) * 0.02)
 
     def generate(self, x, t, y=None):
-        """(B, C, H, W) at the training resolution, t [B] -> the B functions: one weight tensor
-        (B, fan_in + 1, fan_out) per INR layer (last row = bias), then the local feature map
-        (B, feat + C, H, W) (the unpatchified tokens and x itself)."""
+        """(B, C, H, W) at the training resolution, t [B] -> the B functions, a dict: "raw" (x
+        or None); tokens head: "weights", one (B, fan_in + 1, fan_out) tensor per INR layer
+        (last row = bias), and "map" (B, feat, H, W) or None; patch head: "codes" (B, feat, g, g)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise UserError(f"the function generator was built for {self.image_size}px inputs, "
                             f"got {tuple(x.shape[-2:])}; render other sizes with net.render")
-        B, T, g, p = x.shape[0], self.tokens.shape[1], self.grid, self.patch
+        B, g, p = x.shape[0], self.grid, self.patch
+        T = self.tokens.shape[1] if self.head == "tokens" else 0
         h = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, C, H, W) -> (B, N, D)
-        h = torch.cat([h, self.tokens.expand(B, -1, -1)], dim=1)  # + weight tokens (B, N + T, D)
+        if T:
+            h = torch.cat([h, self.tokens.expand(B, -1, -1)], dim=1)  # + weight tokens (B, N + T, D)
         c = self.cond(t, y)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada(c).chunk(2, dim=1)
         h = modulate(self.norm(h), shift, scale)
-        tokens = h[:, -T:]  # (B, T, D)
-        local = self.local(h[:, :-T]).reshape(B, g, g, p, p, self.feat).permute(0, 5, 1, 3, 2, 4)
-        local = torch.cat([local.reshape(B, self.feat, g * p, g * p), x.to(local.dtype)], dim=1)
-        functions = []
+        out = {"raw": x if self.raw else None}
+        if self.head == "patch":
+            out["codes"] = self.code(h).transpose(1, 2).reshape(B, self.feat, g, g)
+            return out
+        tokens, h = h[:, -T:], h[:, :-T]  # (B, T, D), (B, N, D)
+        out["map"] = None
+        if self.local:
+            m = self.to_map(h).reshape(B, g, g, p, p, self.feat).permute(0, 5, 1, 3, 2, 4)
+            out["map"] = m.reshape(B, self.feat, g * p, g * p)
+        out["weights"] = []
         for base, post, (lo, hi) in zip(self.base, self.post, self.ranges):
             rows = post(tokens[:, lo:hi]).transpose(1, 2)  # (B, fan_in, g)
             w = base[:-1] * rows.repeat(1, 1, base.shape[1] // (hi - lo))
             w = F.normalize(w, dim=1)  # unit-length columns (Trans-INR)
-            functions.append(torch.cat([w, base[-1:].expand(B, 1, -1).to(w.dtype)], dim=1))
-        return functions + [local]
+            out["weights"].append(torch.cat([w, base[-1:].expand(B, 1, -1).to(w.dtype)], dim=1))
+        return out
+
+    def _fourier(self, c):  # (B, H, W, 2) coordinates -> (B, H*W, 4 * fourier)
+        angles = math.pi * c[..., None] * self.freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1).flatten(3).flatten(1, 2)
 
     def render(self, functions, size=None, coords=None):
         """Evaluate the functions on the pixel-centre grid of `size` (int or (H, W); default the
         training size) or on given coords ((H, W, 2) shared or (B, H, W, 2)) -> (B, C, H, W)."""
-        *weights, local = functions
-        B = local.shape[0]
+        some = functions["codes"] if self.head == "patch" else functions["weights"][0]
+        B = some.shape[0]
         if coords is None:
-            coords = pixel_grid(size or self.image_size, local.device)
-        H, W = coords.shape[-3:-1]
-        angles = math.pi * coords[..., None] * self.freqs  # (.., H, W, 2, F)
-        fourier = torch.cat([angles.cos(), angles.sin()], dim=-1).reshape(-1, H * W, 4 * len(self.freqs))
-        feats = sample_at(local, coords).flatten(2).transpose(1, 2)  # (B, HW, feat + C)
-        h = torch.cat([fourier.to(feats.dtype).expand(B, -1, -1), feats], dim=-1)
-        for i, wb in enumerate(weights):  # (B, HW, fan_in) -> (B, HW, fan_out)
-            h = torch.matmul(h.to(wb.dtype), wb[:, :-1]) + wb[:, -1:]
-            if i < len(weights) - 1:
-                h = F.relu(h)
-        return h.transpose(1, 2).reshape(B, self.out_ch, H, W)
+            coords = pixel_grid(size or self.image_size, some.device)
+        coords = coords.expand(B, *coords.shape[-3:])
+        H, W = coords.shape[1:3]
+        reads = [] if functions["raw"] is None else [sample_at(functions["raw"], coords).flatten(2).transpose(1, 2)]
+        if self.head == "tokens":
+            if functions["map"] is not None:
+                reads.append(sample_at(functions["map"], coords).flatten(2).transpose(1, 2))
+            h, weights = torch.cat([self._fourier(coords)] + reads, dim=-1), functions["weights"]
+            for i, wb in enumerate(weights):  # (B, HW, fan_in) -> (B, HW, fan_out)
+                h = torch.matmul(h.to(wb.dtype), wb[:, :-1]) + wb[:, -1:]
+                h = F.relu(h) if i < len(weights) - 1 else h
+            return h.transpose(1, 2).reshape(B, self.out_ch, H, W)
+        codes, g = functions["codes"].flatten(2).transpose(1, 2), self.grid  # (B, g*g, feat)
+        u = (coords + 1) * g / 2 - 0.5  # in patch units: patch centres at 0, 1, ..., g - 1
+        lo, out = u.floor(), 0
+        for corner in ([0, 0], [0, 1], [1, 0], [1, 1]):  # the 4 nearest patch centres
+            v = (lo + u.new_tensor(corner)).clamp(0, g - 1)
+            weight = (1 - (u - lo - u.new_tensor(corner)).abs()).prod(-1).reshape(B, H * W, 1)
+            idx = (v[..., 0] * g + v[..., 1]).long().reshape(B, H * W, 1)
+            h = torch.cat([codes.gather(1, idx.expand(-1, -1, codes.shape[-1])),
+                           self._fourier((u - v) * 2 / g)] + reads, dim=-1)  # c - v in image units
+            for i, layer in enumerate(self.mlp):
+                h = layer(h.to(layer.weight.dtype))
+                h = F.relu(h) if i < len(self.mlp) - 1 else h
+            out = out + weight * h  # bilinear weights: the 4 patch functions join continuously
+        return out.transpose(1, 2).reshape(B, self.out_ch, H, W)
 
     def forward(self, x, t, y=None, extra=None, coords=None):
         """The rendered image F(x, t) on coords (default: x's pixel-centre grid, no jitter)."""
@@ -1521,7 +1558,7 @@ def load_checkpoint(path, device="cpu", mmap=False):
 
 # config keys that decide a network's shape, named when a checkpoint does not fit
 ARCH_KEYS = ("arch", "preset", "width", "depth", "image_size", "dataset", "anchor_input", "inr_width",
-             "inr_depth")
+             "inr_depth", "inr_head", "raw_read", "local_read")
 
 
 def load_state(obj, state, name, path, config=None):
@@ -2374,7 +2411,7 @@ RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "
 # Saved flags that decide what a checkpoint's samples are: sampling it with another value of
 # one of them is refused (training-only flags such as --lr or --steps do nothing there).
 SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
-                 "inr_width", "inr_depth", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
+                 "inr_width", "inr_depth", "inr_head", "raw_read", "local_read", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
                  "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
 # Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
 # and noise), how long to train, how often to log, save and sample, and what starts a fresh run.

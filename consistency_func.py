@@ -389,7 +389,8 @@ def bench_multires(args, run, data, net, method):
 RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
 FUNC_ARCH = (lambda a: a.arch == "func", "--arch func (the INR generator)")
-APPLIES = {**dict.fromkeys(["inr_width", "inr_depth"], FUNC_ARCH),
+APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "inr_head", "raw_read"], FUNC_ARCH),
+           "local_read": (lambda a: a.arch == "func" and a.inr_head == "tokens", "--arch func --inr-head tokens"),
            "jitter": [common.TRAINING_STEPS, FUNC_ARCH],  # a network in eval mode samples on the exact grid
            **dict.fromkeys(["pretrain", "pretrain_epochs"],
                            [common.TRAINING, (lambda a: a.is_image, "images")]),
@@ -420,6 +421,14 @@ def main(argv=None):
                         "for 2-D data the training set's std [reconstructed])")
     group.add_argument("--inr-width", type=int, default=None, help="hidden width of the INR")
     group.add_argument("--inr-depth", type=int, default=None, help="linear layers of the INR")
+    group.add_argument("--inr-head", choices=["tokens", "patch"], default="tokens",
+                        help="--arch func's head: tokens (Trans-INR weight tokens; default) or patch "
+                        "(LIIF: a code per patch token, the 4 nearest patch functions blended bilinearly)")
+    group.add_argument("--raw-read", action=argparse.BooleanOptionalAction, default=True,
+                        help="--arch func: the function also reads the noisy input x at each coordinate")
+    group.add_argument("--local-read", action=argparse.BooleanOptionalAction, default=True,
+                        help="--arch func --inr-head tokens: the function reads the unpatchified "
+                        "token features at each coordinate (LIIF-style)")
     group.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=True,
                         help="variational (jittered) coordinates when training --arch func")
     group.add_argument("--sample-res", default=None,
@@ -451,7 +460,8 @@ def main(argv=None):
                           "--sample-res", "lower it (or --n)")
     data = common.load_data(args)
     net = (common.FuncGenerator(*data.shape[:2], args.patch, args.width, args.depth, args.heads, args.dropout,
-                                inr_width=args.inr_width, inr_depth=args.inr_depth)
+                                inr_width=args.inr_width, inr_depth=args.inr_depth, head=args.inr_head,
+                                raw=args.raw_read, local=args.local_read)
            if args.arch == "func" else common.build_net(args, data.shape)).to(run.device)
     net.jitter = args.jitter
     run.print(f"consistency_func: {args.arch} with {common.count_params(net) / 1e6:.3f}M parameters")

@@ -667,6 +667,11 @@ SCRIPT_CASES = [("asfm", ["--mode", "edit", "--dataset", "folder", "--data-dir",
                 ("consistency_func", ["--nfe", "1,rk45"], "--nfe rk45 does not apply: .*model steps"),
                 ("consistency_func", ["--pretrain", "recon"], "--pretrain does not apply to this run: it is for images"),
                 ("consistency_func", ["--sampler", "ode"], "--sampler: invalid choice: 'ode'"),
+                ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--arch", "dit",
+                                      "--inr-head", "patch"], "--inr-head does not apply to this run: it is for --arch func"),
+                ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--inr-head", "patch",
+                                      "--no-local-read"], "--local-read does not apply to this run: it is for "
+                                                          "--arch func --inr-head tokens"),
                 ("consistency_func", ["--dataset", "folder", "--data-dir", "{tmp}/img", "--mode", "sample",
                                       "--sampler", "edm", "--sample-res", "32"], "--sample-res does not apply"),
                 ("integration_flow", ["--nfe", "rk45"], "--nfe rk45 does not apply: .*anchor iterations"),
@@ -2037,7 +2042,13 @@ def test_func_student_teacher_same_jittered_grid(monkeypatch):
     assert consistency_func.ConsistencyTraining.train_coords(net, x) is None  # no jitter at sampling
 
 
-def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
+# the generator's variants (issue 31): Trans-INR weight tokens with or without the raw read of x and
+# the local feature map; LIIF-style per-patch functions with or without the raw read
+FUNC_VARIANTS = [dict(), dict(raw=False), dict(local=False), dict(head="patch", raw=False), dict(head="patch")]
+
+
+@pytest.mark.parametrize("variant", FUNC_VARIANTS[::3], ids=["tokens", "patch"])
+def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2(variant):
     """Issue 12 item 2: the skip term and F are evaluated through one interpolant of x at the
     same coordinates, so the sample is one function of continuous coordinates. What holds:
     (a) exactly: the 3x render's centre subgrid [1::3] contains the native pixel centres and
@@ -2048,7 +2059,7 @@ def test_func_renders_one_function_of_coordinates_at_nfe_1_and_2():
     only gap a single continuous function with bilinear local reads should leave. Measured
     ratios 0.92-0.99; a skip term on another interpolant or grid than F fails (a)."""
     torch.manual_seed(0)
-    net = common.FuncGenerator(3, 16, 2, 32, 2, 4).eval()
+    net = common.FuncGenerator(3, 16, 2, 32, 2, 4, **variant).eval()
     for p in net.parameters():  # leave the zero-init so that the output depends on the input
         if p.abs().sum() == 0:
             nn.init.normal_(p, std=0.05)
@@ -2120,9 +2131,10 @@ def test_pixel_grid_centres():
     assert g[:, 2, 1].tolist() == pytest.approx([0.25] * 4)
 
 
-def test_inr_renders_consistently_across_resolutions():
+@pytest.mark.parametrize("variant", FUNC_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "default")
+def test_inr_renders_consistently_across_resolutions(variant):
     torch.manual_seed(0)
-    net = common.FuncGenerator(3, 16, 2, 32, 2, 4, max_freq=2.0).eval()  # a smooth function
+    net = common.FuncGenerator(3, 16, 2, 32, 2, 4, max_freq=2.0, **variant).eval()  # a smooth function
     for p in net.parameters():  # leave the zero-init so that the output depends on the input
         if p.abs().sum() == 0:
             nn.init.normal_(p, std=0.05)
@@ -2137,6 +2149,36 @@ def test_inr_renders_consistently_across_resolutions():
     assert torch.allclose(r3[..., 1::3, 1::3], r1, atol=1e-5)
     assert not torch.allclose(F.avg_pool2d(r2, 2), r1, atol=1e-3)  # 2x is a new evaluation
     assert (other - r1).abs().mean() / r1.std() > 0.1  # the function depends on the input
+
+
+def test_patch_head_blends_the_nearest_patch_functions_by_hand():
+    """--inr-head patch: at a patch centre v the function is that patch's own MLP(code_v,
+    Fourier(0)); halfway between two horizontally adjacent centres it is the mean of their two
+    MLPs, each read at its own offset (+-1/g in image units); a quarter of the way, 3/4 and
+    1/4 (bilinear weights). Outside the outer centres the border patch's function continues."""
+    torch.manual_seed(0)
+    net = common.FuncGenerator(1, 8, 2, 32, 1, 4, head="patch", raw=False).eval()  # grid g = 4
+    nn.init.normal_(net.mlp[-1].weight, std=0.3)
+    with torch.no_grad():
+        fns = net.generate(torch.randn(2, 1, 8, 8), torch.zeros(2))
+        codes, g = fns["codes"], 4
+
+        def own(i, j, offset):  # patch (i, j)'s function at offset (dy, dx) from its centre, image units
+            h = torch.cat([codes[:, :, i, j], net._fourier(torch.tensor(offset).view(1, 1, 1, 2)).view(1, -1)
+                           .expand(2, -1)], dim=1)
+            for k, layer in enumerate(net.mlp):
+                h = layer(h) if k == len(net.mlp) - 1 else F.relu(layer(h))
+            return h[:, 0]
+
+        centre = lambda i: -1 + (2 * i + 1) / g  # noqa: E731  patch centres in image units
+        at = lambda y, x: net.render(fns, coords=torch.tensor([[[y, x]]]))[:, 0, 0, 0]  # noqa: E731
+        y1, x1, x2 = centre(1), centre(2), centre(3)
+        assert torch.allclose(at(y1, x1), own(1, 2, [0.0, 0.0]), atol=1e-6)
+        mid = (x1 + x2) / 2
+        assert torch.allclose(at(y1, mid), (own(1, 2, [0, 0.25]) + own(1, 3, [0, -0.25])) / 2, atol=1e-6)
+        q = x1 + 0.125
+        assert torch.allclose(at(y1, q), 0.75 * own(1, 2, [0, 0.125]) + 0.25 * own(1, 3, [0, -0.375]), atol=1e-6)
+        assert torch.allclose(at(y1, 0.95), own(1, 3, [0, 0.95 - x2]), atol=1e-6)  # past the last centre
 
 
 def test_generator_bad_input():
