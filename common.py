@@ -486,7 +486,7 @@ class FuncGenerator(nn.Module):
             raise UserError(f"--inr-head {head}: use tokens or patch")
         self.out_ch, self.image_size, self.jitter, self.head = in_ch, image_size, jitter, head
         self.patch, self.grid, self.feat, self.raw = patch, image_size // patch, feat, raw
-        self.local = local and head == "tokens"  # the patch head is local by construction
+        self.local_read = local and head == "tokens"  # the patch head is local by construction
         self.embed = nn.Conv2d(in_ch, width, patch, stride=patch)
         self.register_buffer("pos", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.cond = Conditioning(256, width, num_classes)
@@ -503,9 +503,9 @@ class FuncGenerator(nn.Module):
             self.mlp = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
             zero_(self.mlp[-1])
             return
-        dims[0] += feat if self.local else 0
-        if self.local:
-            self.to_map = nn.Linear(width, patch * patch * feat)  # patch token -> p x p feature pixels
+        dims[0] += feat if self.local_read else 0
+        if self.local_read:
+            self.local = nn.Linear(width, patch * patch * feat)  # patch token -> p x p feature pixels
         self.base, self.post, self.ranges, n = nn.ParameterList(), nn.ModuleList(), [], 0
         for fan_in, fan_out in zip(dims[:-1], dims[1:]):  # (fan_in + 1 bias row, fan_out)
             layer = nn.Linear(fan_in, fan_out)  # PyTorch's default init for the shared base
@@ -539,8 +539,8 @@ class FuncGenerator(nn.Module):
             return out
         tokens, h = h[:, -T:], h[:, :-T]  # (B, T, D), (B, N, D)
         out["map"] = None
-        if self.local:
-            m = self.to_map(h).reshape(B, g, g, p, p, self.feat).permute(0, 5, 1, 3, 2, 4)
+        if self.local_read:
+            m = self.local(h).reshape(B, g, g, p, p, self.feat).permute(0, 5, 1, 3, 2, 4)
             out["map"] = m.reshape(B, self.feat, g * p, g * p)
         out["weights"] = []
         for base, post, (lo, hi) in zip(self.base, self.post, self.ranges):
@@ -563,10 +563,9 @@ class FuncGenerator(nn.Module):
             coords = pixel_grid(size or self.image_size, some.device)
         coords = coords.expand(B, *coords.shape[-3:])
         H, W = coords.shape[1:3]
-        reads = [] if functions["raw"] is None else [sample_at(functions["raw"], coords).flatten(2).transpose(1, 2)]
+        maps = [functions.get("map"), functions["raw"]]  # the local reads at c: feature map, then x
+        reads = [sample_at(m, coords).flatten(2).transpose(1, 2) for m in maps if m is not None]
         if self.head == "tokens":
-            if functions["map"] is not None:
-                reads.append(sample_at(functions["map"], coords).flatten(2).transpose(1, 2))
             h, weights = torch.cat([self._fourier(coords)] + reads, dim=-1), functions["weights"]
             for i, wb in enumerate(weights):  # (B, HW, fan_in) -> (B, HW, fan_out)
                 h = torch.matmul(h.to(wb.dtype), wb[:, :-1]) + wb[:, -1:]

@@ -31,6 +31,9 @@ CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are n
     input x, both read bilinearly at c. Chosen because a function of Fourier features and
     global weights alone cannot cancel pixel-level noise (it kept exactly c_skip(sigma) of the
     input noise at every sigma), while bilinear local reads keep it a continuous function.
+    Its parts are flags, to ablate them: --no-raw-read (no read of x), --no-local-read
+    (no feature map), --inr-head patch (LIIF: one code per patch token into a shared MLP of the
+    offset from the patch centre, the 4 nearest patch functions blended bilinearly).
   - One function of the coordinates: f(x, s)(c) = c_skip sample_at(x, c) + c_out F(c), the
     skip term through the same bilinear interpolant of x and at the same coordinates as F:
     in training on ANR's jittered "variational coordinates" (one grid per batch, shared by
