@@ -2181,6 +2181,21 @@ def test_patch_head_blends_the_nearest_patch_functions_by_hand():
         assert torch.allclose(at(y1, 0.95), own(1, 3, [0, 0.95 - x2]), atol=1e-6)  # past the last centre
 
 
+def test_default_generator_is_the_one_earlier_checkpoints_hold():
+    """Adding the variants (--inr-head, --raw-read, --local-read) kept the default generator as it
+    was: the same module names and input order [Fourier, feature map, x], so a checkpoint written
+    before loads and renders the same. The numbers are the output of the generator at commit
+    0e24519 for this seed and input."""
+    torch.manual_seed(0)
+    net = common.FuncGenerator(1, 8, 2, 16, 1, 4, inr_width=8).eval()
+    assert {"local.weight", "tokens", "base.0", "post.0.1.weight"} <= set(net.state_dict())
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x, torch.full((2,), 0.3))
+    assert y.flatten()[:4].tolist() == pytest.approx([0.71895, 1.37503, 1.21816, 0.60047], abs=1e-4)
+    assert y.abs().sum().item() == pytest.approx(101.0957, abs=1e-3)
+
+
 def test_generator_bad_input():
     net = common.FuncGenerator(3, 8, 2, 32, 1, 4)
     with pytest.raises(common.UserError, match="render other sizes"):
