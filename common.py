@@ -558,7 +558,7 @@ class FuncGenerator(nn.Module):
         """Evaluate the functions on the pixel-centre grid of `size` (int or (H, W); default the
         training size) or on given coords ((H, W, 2) shared or (B, H, W, 2)) -> (B, C, H, W)."""
         some = functions["codes"] if self.head == "patch" else functions["weights"][0]
-        B = some.shape[0]
+        B = some.shape[0]  # the number of functions
         if coords is None:
             coords = pixel_grid(size or self.image_size, some.device)
         coords = coords.expand(B, *coords.shape[-3:])
@@ -2410,8 +2410,8 @@ RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "
 # Saved flags that decide what a checkpoint's samples are: sampling it with another value of
 # one of them is refused (training-only flags such as --lr or --steps do nothing there).
 SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
-                 "inr_width", "inr_depth", "inr_head", "raw_read", "local_read", "ode", "param", "vp_steps", "vp_schedule", "vp_betas",
-                 "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
+                 "inr_width", "inr_depth", "inr_head", "raw_read", "local_read", "ode", "param",
+                 "vp_steps", "vp_schedule", "vp_betas", "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
 # Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
 # and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
 RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",

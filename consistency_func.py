@@ -393,7 +393,8 @@ RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGM
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
 FUNC_ARCH = (lambda a: a.arch == "func", "--arch func (the INR generator)")
 APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "inr_head", "raw_read"], FUNC_ARCH),
-           "local_read": (lambda a: a.arch == "func" and a.inr_head == "tokens", "--arch func --inr-head tokens"),
+           "local_read": (lambda a: a.arch == "func" and a.inr_head == "tokens",
+                          "--arch func --inr-head tokens"),
            "jitter": [common.TRAINING_STEPS, FUNC_ARCH],  # a network in eval mode samples on the exact grid
            **dict.fromkeys(["pretrain", "pretrain_epochs"],
                            [common.TRAINING, (lambda a: a.is_image, "images")]),

@@ -66,9 +66,9 @@ The answer (README): the bank converges to about x1. At t = T, x_T carries no in
 x1, so the regression target is the mean of the data or a copy of the anchor; as the anchors
 seen in training become data (w -> 0), it learns to return its anchor, and a random N(0, I)
 anchor at sampling comes back about unchanged.
---bank-update self answers the reviewers' other question (README, toy and digits): drawn fresh, the anchor
-carries nothing about x1 beyond x_t, so for L2 the optimum is G(x_t, t, a) = w E[x1 | x_t] +
-(1 - w) a, whose one fixed point is plain regression's E[x1 | x_t]. The sampler's iteration then
+--bank-update self answers the reviewers' other question (README, toy and digits): drawn fresh,
+the anchor carries nothing about x1 beyond x_t, so for L2 the optimum is G(x_t, t, a) =
+w E[x1 | x_t] + (1 - w) a, whose one fixed point is plain regression's E[x1 | x_t]. The sampler's iteration then
 converges (the banks' diverges), to x_T (K = 1: out = x_t zeroes the anchor term, and the data
 term fades with w) or, with larger K or w, to E[x1 | x_T], the data mean: it does not generate.
 On digits it does not either: seed by seed, one fixed image or a drifting copy of the anchor.
