@@ -458,12 +458,14 @@ class FuncGenerator(nn.Module):
       biases. Input at c: Fourier features cos/sin(pi w c) (w geometric in [1, image_size/2],
       the training grid's Nyquist rate), plus with local=True (LIIF-style) the patch tokens
       unpatchified to a `feat`-channel map read bilinearly at c;
-    - head="patch" (LIIF's local ensemble, Chen et al. 2021): each patch token gives a code of
-      `feat` numbers; at c the shared MLP reads the code of each of the 4 nearest patch
-      centres v with Fourier features of c - v, and the 4 outputs are blended with bilinear
-      weights, so the patch functions join into one continuous function. Last layer zero-init,
-      like the DiT's, so F = 0 at the start;
-    - raw=True (either head) also feeds the noisy input x itself, read bilinearly at c.
+    - head="patch" (the default; LIIF's local ensemble, Chen et al. 2021): each patch token
+      gives a code of `feat` numbers; at c the shared MLP reads the code of each of the 4
+      nearest patch centres v with Fourier features of c - v, and the 4 outputs are blended
+      with bilinear weights, so the patch functions join into one continuous function. Last
+      layer zero-init, like the DiT's, so F = 0 at the start;
+    - raw=True (either head) also feeds the noisy input x itself, read bilinearly at c: a direct
+      path for the input noise to the output, off by default (README, CM-Func's generator study).
+      Checkpoints written before the variants existed hold head="tokens", raw=True.
 
     forward(x, t, coords=None) renders on coords (default: x's pixel-centre grid), so the
     network plugs into code written for U-Net/DiT; `functions = generate(x, t)` once, then
@@ -474,7 +476,7 @@ class FuncGenerator(nn.Module):
 
     def __init__(self, in_ch=3, image_size=32, patch=2, width=384, depth=12, heads=6, dropout=0.0,
                  num_classes=0, inr_width=64, inr_depth=3, groups=None, fourier=16, max_freq=None,
-                 jitter=True, feat=16, head="tokens", raw=True, local=True):
+                 jitter=True, feat=16, head="patch", raw=False, local=True):
         super().__init__()
         if image_size % patch:
             raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
@@ -1938,6 +1940,7 @@ class RunCheckpoints:
             raise UserError(f"cannot read checkpoint '{self.ckpt_path}': it is corrupt or not one of ours; "
                             "pass --overwrite to train from scratch over it, or another --out-dir") from None
         config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        config = {**(self.old_defaults(config) if self.old_defaults else {}), **config}
         written_by = config.get("method", "an unknown method")
         if not args.resume:
             raise UserError(f"{args.out_dir} already holds a checkpoint ({written_by}, step "
@@ -2020,8 +2023,8 @@ class Run(RunDevice, RunLog, RunCheckpoints):
     logging, NaN guard, checkpoints (the three parts above). Every check of the run's inputs
     happens here, before any work."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, old_defaults=None):
+        self.args, self.old_defaults = args, old_defaults  # old_defaults: as in parse_args
         self.setup_device(args)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.saved_step = None  # step of the last checkpoint this run wrote or resumed from
@@ -2419,14 +2422,15 @@ RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sam
                                         "cond_classes"}  # the last four follow from other flags
 
 
-def parse_args(parser, argv=None, may_differ=None):
+def parse_args(parser, argv=None, may_differ=None, old_defaults=None):
     """parser.parse_args(argv), with args.given = the flags set on the command line. Then, when
     a mode other than train/bench reads a checkpoint (--ckpt, or <--out-dir>/ckpt.pt): every
     flag not set on the command line (dataset, network, method flags) is taken from the
     checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
     `--mode sample --ckpt runs/x/ckpt.pt` is enough. A SAMPLING_KEYS flag set to another value
     than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
-    choice), except those in may_differ[mode]."""
+    choice), except those in may_differ[mode]. old_defaults(config) -> {flag: value} names what
+    a checkpoint written before a flag existed holds (the flag's default then)."""
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parse_given(parser, argv)
     ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)
@@ -2437,6 +2441,7 @@ def parse_args(parser, argv=None, may_differ=None):
     if config.get("class_cond") is None and "cond_classes" in config:  # scoreflow's default: what the
         # run chose (classes where its data had them), so --class-cond matches and --no-class-cond does not
         config = {**config, "class_cond": bool(config["cond_classes"])}
+    config = {**(old_defaults(config) if old_defaults else {}), **config}
     checked = SAMPLING_KEYS - set((may_differ or {}).get(args.mode, ()))
     differ = [k for k in sorted(args.given) if k in config and k in checked
               and not _same(k, getattr(args, k), config[k])]

@@ -26,14 +26,15 @@ Equations implemented (iCT, exact):
 
 CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are not public):
   - F is common.FuncGenerator (--arch func): DiT features with adaLN-Zero on the noise
-    embedding; Trans-INR weight tokens give a ReLU MLP whose input at coordinate c is Fourier
-    features of c plus, LIIF-style, the patch tokens unpatchified to a feature map and the
-    input x, both read bilinearly at c. Chosen because a function of Fourier features and
-    global weights alone cannot cancel pixel-level noise (it kept exactly c_skip(sigma) of the
-    input noise at every sigma), while bilinear local reads keep it a continuous function.
-    Its parts are flags, to ablate them: --no-raw-read (no read of x), --no-local-read
-    (no feature map), --inr-head patch (LIIF: one code per patch token into a shared MLP of the
-    offset from the patch centre, the 4 nearest patch functions blended bilinearly).
+    embedding; each patch token gives a code, and the function at coordinate c is a shared
+    ReLU MLP of (the code of a nearby patch, Fourier features of c minus that patch's centre),
+    the 4 nearest patch functions blended bilinearly (LIIF's local ensemble): one continuous
+    function, local enough to cancel pixel-level noise (a function of Fourier features and
+    global weights alone kept exactly c_skip(sigma) of the input noise at every sigma). The
+    generator's parts are flags (README, the generator study): --inr-head tokens (Trans-INR
+    weight tokens modulating the MLP, with LIIF reads of the unpatchified tokens; the
+    earlier default), --raw-read (the MLP also reads x at c: a path for the input
+    noise to the output, off by default), --no-local-read (tokens head without its map).
   - One function of the coordinates: f(x, s)(c) = c_skip sample_at(x, c) + c_out F(c), the
     skip term through the same bilinear interpolant of x and at the same coordinates as F:
     in training on ANR's jittered "variational coordinates" (one grid per batch, shared by
@@ -50,7 +51,7 @@ CM-Func pieces ([reconstructed]: the paper's architecture and pre-training are n
   - Multi-step sampling sigmas: two steps (smax, --two-step-sigma 0.821) as in iCT; more
     steps the Karras grid with nfe + 1 points, without smin.
 Baselines one flag away: --arch unet (CM-UNet), --arch dit (CM-DiT). Parameter counts are
-printed at start; on the tiny preset --arch func --width 72 (0.44M) matches the U-Net (0.43M).
+printed at start; on the tiny preset --arch func --width 72 (0.42M) matches the U-Net (0.43M).
 Absent: class-conditional training (labels are ignored); the paper's UViT baseline.
 
 Commands:
@@ -392,6 +393,9 @@ def bench_multires(args, run, data, net, method):
 RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
 FUNC_ARCH = (lambda a: a.arch == "func", "--arch func (the INR generator)")
+# what a --arch func checkpoint written before --inr-head existed holds (the generator before issue 31)
+OLD_DEFAULTS = (lambda config: {"inr_head": "tokens", "raw_read": True, "local_read": True}
+                if config.get("arch") == "func" and "inr_head" not in config else {})
 APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "inr_head", "raw_read"], FUNC_ARCH),
            "local_read": (lambda a: a.arch == "func" and a.inr_head == "tokens",
                           "--arch func --inr-head tokens"),
@@ -425,11 +429,12 @@ def main(argv=None):
                         "for 2-D data the training set's std [reconstructed])")
     group.add_argument("--inr-width", type=int, default=None, help="hidden width of the INR")
     group.add_argument("--inr-depth", type=int, default=None, help="linear layers of the INR")
-    group.add_argument("--inr-head", choices=["tokens", "patch"], default="tokens",
-                        help="--arch func's head: tokens (Trans-INR weight tokens; default) or patch "
-                        "(LIIF: a code per patch token, the 4 nearest patch functions blended bilinearly)")
-    group.add_argument("--raw-read", action=argparse.BooleanOptionalAction, default=True,
-                        help="--arch func: the function also reads the noisy input x at each coordinate")
+    group.add_argument("--inr-head", choices=["tokens", "patch"], default="patch",
+                        help="--arch func's head: patch (LIIF: a code per patch token, the 4 nearest "
+                        "patch functions blended bilinearly; default) or tokens (Trans-INR weight tokens)")
+    group.add_argument("--raw-read", action=argparse.BooleanOptionalAction, default=False,
+                        help="--arch func: the function also reads the noisy input x at each coordinate "
+                        "(a path for the noise to the output; off by default)")
     group.add_argument("--local-read", action=argparse.BooleanOptionalAction, default=True,
                         help="--arch func --inr-head tokens: the function reads the unpatchified "
                         "token features at each coordinate (LIIF-style)")
@@ -442,7 +447,7 @@ def main(argv=None):
     parser.epilog += "\n  --arch unet: " + "; ".join(f"{k} --width {PRESETS[k]['width']} --depth {PRESETS[k]['depth']}"
                                                     for k in FUNC)
     parser.set_defaults(grad_clip=None, nfe="1,2")  # from the preset: 0 on images (iCT), 1 on 2-D
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(parser, argv, old_defaults=OLD_DEFAULTS)
     presets = func_presets if args.arch in (None, "func") else PRESETS  # func: the default for images
     args = common.finish_args(args, presets, method="cm", default_nfe="1,2", name="consistency_func",
                               archs=common.ARCHS, no_rk45="a consistency model has no ODE to solve; "
@@ -457,7 +462,7 @@ def main(argv=None):
     if args.is_image and args.arch != "func" and args.mode == "sample" and set(args.sample_res) != {R}:
         raise common.UserError(f"--arch {args.arch} samples only at its training size {R}; "
                                "rendering other sizes needs --arch func")
-    run = common.Run(args)
+    run = common.Run(args, OLD_DEFAULTS)
     if args.mode in ("sample", "bench") and args.is_image:  # renders: B x s x s x (INR or net width) floats
         pixels = min(args.n, args.batch_size) * max(args.sample_res) ** 2
         common.check_fits(4 * pixels * (args.inr_width if args.arch == "func" else args.width), run.device,
