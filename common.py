@@ -2412,9 +2412,10 @@ RUN_FLAGS = {"mode", "ckpt", "n", "nfe", "samples_out", "fid_n", "eval_every", "
              "sampler"}
 # Saved flags that decide what a checkpoint's samples are: sampling it with another value of
 # one of them is refused (training-only flags such as --lr or --steps do nothing there).
-SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input",
-                 "inr_width", "inr_depth", "inr_head", "raw_read", "local_read", "ode", "param",
-                 "vp_steps", "vp_schedule", "vp_betas", "sigma_min", "sigma_max", "sigma_data", "bank_update", "class_cond", "source", "stage"}
+SAMPLING_KEYS = {"dataset", "image_size", "arch", "preset", "width", "depth", "anchor_input", "inr_width",
+                 "inr_depth", "inr_head", "raw_read", "local_read", "ode", "param", "vp_steps",
+                 "vp_schedule", "vp_betas", "sigma_min", "sigma_max", "sigma_data", "bank_update",
+                 "class_cond", "source", "stage"}
 # Saved flags that --resume may change: how to run now (but not --seed: it picks the data order
 # and noise), how long to train, how often to log, save and sample, and what starts a fresh run.
 RESUME_FREE = (RUN_FLAGS - {"seed"}) | {"steps", "log_every", "ckpt_every", "sample_every", "init",
@@ -2428,9 +2429,8 @@ def parse_args(parser, argv=None, may_differ=None, old_defaults=None):
     flag not set on the command line (dataset, network, method flags) is taken from the
     checkpoint's saved config, and --out-dir defaults to the checkpoint's folder. So
     `--mode sample --ckpt runs/x/ckpt.pt` is enough. A SAMPLING_KEYS flag set to another value
-    than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a
-    choice), except those in may_differ[mode]. old_defaults(config) -> {flag: value} names what
-    a checkpoint written before a flag existed holds (the flag's default then)."""
+    than the checkpoint's is refused (sampling an 8gaussians model as moons is wrong, not a choice),
+    except those in may_differ[mode]. old_defaults(config): {flag: what an older config holds}."""
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parse_given(parser, argv)
     ckpt_path = args.ckpt or (os.path.join(args.out_dir, "ckpt.pt") if args.out_dir else None)

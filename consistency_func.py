@@ -393,7 +393,7 @@ def bench_multires(args, run, data, net, method):
 RANGES = {"pretrain_epochs": "[0, inf)", "two_step_sigma": f"({SIGMA_MIN}, {SIGMA_MAX})",
           "sigma_data": "(0, inf)", "inr_width": "[1, inf)", "inr_depth": "[2, inf)"}
 FUNC_ARCH = (lambda a: a.arch == "func", "--arch func (the INR generator)")
-# what a --arch func checkpoint written before --inr-head existed holds (the generator before issue 31)
+# what a --arch func checkpoint written before --inr-head existed holds (the earlier generator)
 OLD_DEFAULTS = (lambda config: {"inr_head": "tokens", "raw_read": True, "local_read": True}
                 if config.get("arch") == "func" and "inr_head" not in config else {})
 APPLIES = {**dict.fromkeys(["inr_width", "inr_depth", "inr_head", "raw_read"], FUNC_ARCH),
