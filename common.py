@@ -2222,7 +2222,9 @@ def write_samples(args, data, sample_fn, run):
 @own_rng
 def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
-    from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}."""
+    from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}. The RNG
+    is re-seeded from --seed for each NFE (as in write_samples): `--nfe rk45` and `--nfe 1,2,rk45`
+    score the same RK45 samples."""
     results, n = {}, n or args.fid_n
     if args.dataset in CLASSIFIER_FD:  # no Inception: a small classifier's features
         small = ClassifierFD(args.dataset, args.image_size, fid_cache_dir(args), run.device)
@@ -2239,6 +2241,7 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     else:
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
+        torch.manual_seed(args.seed)  # every NFE starts from the same noise, whatever else is listed
         x, used = sample_in_batches(sample_fn, n, nfe, args.batch_size, run.print)
         if args.dataset in CLASSIFIER_FD:
             m = small.report(x)

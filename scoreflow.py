@@ -60,7 +60,6 @@ energy distance in 2-D), L2 (and PSNR) to the source, A -> B -> A cycle RMSE; an
 """
 import argparse
 import functools
-import itertools
 import math
 import os
 
@@ -211,7 +210,7 @@ def train(args, run, data, source, net, method):
     run.print(f"scoreflow: {common.count_params(net) / 1e6:.2f}M parameters, "
               f"{'source ' + source.name if source else 'noise'} -> {data.name}, "
               f"classes {method.num_classes}, beta {args.beta}, lambda {args.pc_lambda}")
-    sampler = lambda: common.sampler(method.sample, ema.model, data, run, starts(args, run, source))  # noqa: E731
+    sampler = lambda: common.sampler(method.sample, ema.model, data, run, starts(run, source))  # noqa: E731
     for step in range(start, args.steps):
         x1, y, _ = next(stream)
         x0 = next(src_stream)[0] if source else None
@@ -257,12 +256,12 @@ def draw(data, n, label=None, seed=0):
     return x[keep[:n]], y[keep[:n]]
 
 
-def starts(args, run, source):
-    """x0(n) for common.sampler: None (noise), or source-domain points, a new draw each call."""
+def starts(run, source):
+    """x0(n) for common.sampler: None (noise), or source-domain points, a new draw each call
+    seeded from the torch RNG (so a re-seed, as evaluate's per NFE, repeats the draws)."""
     if source is None:
         return None
-    calls = itertools.count(1)
-    return lambda n: draw(source, n, seed=args.seed + 1000 + next(calls))[0].to(run.device)
+    return lambda n: draw(source, n, seed=int(torch.randint(2**31, ())))[0].to(run.device)
 
 
 #################################################################################
@@ -328,6 +327,7 @@ def image_fid(args, run, fake, real):
     return common.frechet_distance(*stats[0], *stats[1])
 
 
+@common.own_rng
 @torch.no_grad()
 def class_fidelity(args, run, data, net, method, x0=None):
     """Class-conditional: 2-D, samples of each class vs fresh points of that class; digits (and
@@ -340,12 +340,14 @@ def class_fidelity(args, run, data, net, method, x0=None):
     if args.dataset in common.CLASSIFIER_FD:
         small = common.ClassifierFD(args.dataset, args.image_size, common.fid_cache_dir(args), run.device)
         for nfe in args.nfe_list:
+            torch.manual_seed(args.seed)  # the same noise for an NFE, whatever else is listed
             acc = [(small.predict(sample_fn(n, nfe, c)[0]) == c).float().mean().item()
                    for c in range(method.num_classes)]
             run.print(f"eval nfe={nfe}: class accuracy {sum(acc) / len(acc):.4g} (cfg {args.cfg}, "
                       f"{n} samples per class, read by the {args.dataset} classifier)")
         return
     for nfe in args.nfe_list:
+        torch.manual_seed(args.seed)
         sw2 = [common.sliced_wasserstein(sample_fn(n, nfe, c)[0].cpu(), draw(data, n, c, 12345)[0])
                for c in range(method.num_classes)]
         run.print(f"eval nfe={nfe}: per-class sw2={sum(sw2) / len(sw2):.4g} "
@@ -526,10 +528,10 @@ def main(argv=None):
             with run.autocast:
                 loss, _ = method.loss(model, x1, None, y)
             common.optimize(opt, loss, net, args, 0)
-        fn = common.sampler(method.sample, common.EMA(net, 0.0).model, data, run, starts(args, run, source))
+        fn = common.sampler(method.sample, common.EMA(net, 0.0).model, data, run, starts(run, source))
         result = common.benchmark(run, step, fn, args.nfe_list, args.batch_size)
     else:
-        x0 = starts(args, run, source)
+        x0 = starts(run, source)
         fn = common.sampler(method.sample, net, data, run, x0)
         if args.mode == "sample":
             common.write_samples(args, data, fn, run)
