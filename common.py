@@ -481,11 +481,11 @@ class FuncGenerator(nn.Module):
         if image_size % patch:
             raise UserError(f"image size {image_size} is not divisible by patch size {patch}")
         groups = groups or max(1, inr_width // 4)
-        if inr_depth < 2 or inr_width % groups:
-            raise UserError(f"--inr-depth must be >= 2 and --inr-width ({inr_width}) a multiple "
-                            f"of the {groups} weight-token groups")
         if head not in ("tokens", "patch"):
             raise UserError(f"--inr-head {head}: use tokens or patch")
+        if inr_depth < 2 or (head == "tokens" and inr_width % groups):  # the patch head has no tokens
+            raise UserError("--inr-depth must be >= 2" + (f" and --inr-width ({inr_width}) a multiple of "
+                            f"the {groups} weight-token groups" if head == "tokens" else ""))
         self.out_ch, self.image_size, self.jitter, self.head = in_ch, image_size, jitter, head
         self.patch, self.grid, self.feat, self.raw = patch, image_size // patch, feat, raw
         self.local_read = local and head == "tokens"  # the patch head is local by construction

@@ -2203,7 +2203,10 @@ def test_generator_bad_input():
     with pytest.raises(common.UserError, match="render other sizes"):
         net(torch.randn(1, 3, 16, 16), torch.zeros(1))
     with pytest.raises(common.UserError, match="inr-width"):
-        common.FuncGenerator(3, 8, 2, 32, 1, 4, inr_width=30, groups=4)
+        common.FuncGenerator(3, 8, 2, 32, 1, 4, inr_width=30, groups=4, head="tokens")
+    common.FuncGenerator(3, 8, 2, 32, 1, 4, inr_width=30, groups=4)  # the patch head has no tokens
+    with pytest.raises(common.UserError, match=r"--inr-depth must be >= 2$"):  # no word of groups
+        common.FuncGenerator(3, 8, 2, 32, 1, 4, inr_depth=1)
 
 
 # ---- training: pre-training, resume, 2-D ---------------------------------------------------
