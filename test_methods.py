@@ -2575,6 +2575,20 @@ def test_eval_reconstruction_and_bpd(cond_toy):
     assert sf_log_lines(cond_toy, "eval nfe=2: per-class sw2=") and sf_log_lines(cond_toy, "straightness S =")
 
 
+def test_unconditional_beta_0_is_asfm_rf_bit_for_bit(tmp_path):
+    """Issue 32, item 2: `scoreflow.py --beta 0 --no-class-cond` and `asfm.py --stage rf` are one
+    1-RF: the same flags and seed train the same weights, bit for bit (on digits too: README)."""
+    flags = SF_TINY + ["--dataset", "8gaussians", "--steps", "30", "--device", "cpu"]
+    scoreflow.main(flags + ["--beta", "0", "--no-class-cond", "--out-dir", str(tmp_path / "sf")])
+    asfm.main(flags + ["--stage", "rf", "--out-dir", str(tmp_path / "rf")])
+    scoreflow.main(flags + ["--no-class-cond", "--out-dir", str(tmp_path / "pc")])  # beta = 1
+    sf, rf, pc = (common.load_checkpoint(str(tmp_path / d / "ckpt.pt"))["state"] for d in ("sf", "rf", "pc"))
+    for key in ("net", "ema"):
+        assert sf[key].keys() == rf[key].keys()
+        assert all(torch.equal(sf[key][k], rf[key][k]) for k in sf[key])
+    assert not all(torch.equal(sf["net"][k], pc["net"][k]) for k in sf["net"])  # L_pc changes the steps
+
+
 def test_eval_scores_the_same_samples_for_an_nfe_whatever_else_is_listed(cond_toy):
     """--mode eval re-seeds per NFE (issue 32): `--nfe rk45` alone and after `1,2` score the same
     RK45 samples (distance and class fidelity), and the straightness after them is the same.
