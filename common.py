@@ -2222,9 +2222,8 @@ def write_samples(args, data, sample_fn, run):
 @own_rng
 def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     """FID/IS/precision/recall (images) or sliced W2 / energy distance to fresh data (2-D),
-    from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE. Returns {nfe: metrics}. The RNG
-    is re-seeded from --seed for each NFE (as in write_samples): `--nfe rk45` and `--nfe 1,2,rk45`
-    score the same RK45 samples."""
+    from sample_fn(n, nfe) -> (samples, nfe_used), for each NFE (re-seeded from --seed for each,
+    as write_samples: `--nfe rk45` and `--nfe 1,2,rk45` score the same RK45 samples)."""
     results, n = {}, n or args.fid_n
     if args.dataset in CLASSIFIER_FD:  # no Inception: a small classifier's features
         small = ClassifierFD(args.dataset, args.image_size, fid_cache_dir(args), run.device)
@@ -2241,12 +2240,10 @@ def evaluate(args, run, data, sample_fn, nfes=None, n=None):
     else:
         ref = data.fresh(n)
     for nfe in nfes or args.nfe_list:
-        torch.manual_seed(args.seed)  # every NFE starts from the same noise, whatever else is listed
+        torch.manual_seed(args.seed)
         x, used = sample_in_batches(sample_fn, n, nfe, args.batch_size, run.print)
-        if args.dataset in CLASSIFIER_FD:
-            m = small.report(x)
-        else:
-            m = fid_report(inception, to_uint8(x), ref) if data.is_image else toy_metrics(x, ref)
+        m = (small.report(x) if args.dataset in CLASSIFIER_FD else fid_report(inception, to_uint8(x), ref)
+             if data.is_image else toy_metrics(x, ref))
         m.update(nfe=used, n=len(x), weights=args.weights, precision=run.eval_precision)
         results[nfe] = m
         run.print(f"eval nfe={nfe}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else
