@@ -259,9 +259,8 @@ def draw(data, n, label=None, seed=0):
 def starts(run, source):
     """x0(n) for common.sampler: None (noise), or source-domain points, a new draw each call
     seeded from the torch RNG (so a re-seed, as evaluate's per NFE, repeats the draws)."""
-    if source is None:
-        return None
-    return lambda n: draw(source, n, seed=int(torch.randint(2**31, ())))[0].to(run.device)
+    return None if source is None else (
+        lambda n: draw(source, n, seed=int(torch.randint(2**31, ())))[0].to(run.device))
 
 
 #################################################################################
