@@ -159,8 +159,11 @@ class ScoreFlow:
     def log_likelihood(self, v, x1, nfe="rk45", div="hutchinson", probes=1, generator=None):
         """log p_1(x1) in nats per sample by the instantaneous change of variables: integrate
         [x, a] with dx/dt = v, da/dt = div v from t = 1 (a = 0) to t = 0, then
-        log p_1(x1) = log N(x_0; 0, I) + a(0). Returns (log p [B], solver evaluations)."""
+        log p_1(x1) = log N(x_0; 0, I) + a(0). Hutchinson carries one a per Rademacher probe
+        along the same path, so the probes' spread is the estimator's. Returns (log p
+        [probes, B] (exact: [1, B]), solver evaluations)."""
         shape, D = x1.shape, x1[0].numel()
+        probes = 1 if div == "exact" else probes
         eps = (torch.randint(0, 2, (probes, *shape), generator=generator).float() * 2 - 1).to(x1.device)
 
         def augmented(s, t):
@@ -170,15 +173,15 @@ class ScoreFlow:
                 if div == "exact":  # D backward passes: fine in 2-D
                     rows = [torch.autograd.grad(out.flatten(1)[:, i].sum(), x, retain_graph=True)[0]
                             .flatten(1)[:, i] for i in range(D)]
-                    divergence = torch.stack(rows, 1).sum(1)
-                else:  # Hutchinson: E[eps^T (dv/dx) eps] = tr(dv/dx)
-                    divergence = sum((torch.autograd.grad(out, x, e, retain_graph=True)[0] * e)
-                                     .flatten(1).sum(1) for e in eps) / probes
-            return torch.cat([out.detach().flatten(1), divergence.detach()[:, None]], 1)
+                    divergence = torch.stack(rows, 1).sum(1, keepdim=True)
+                else:  # Hutchinson: E[eps^T (dv/dx) eps] = tr(dv/dx), one column per probe
+                    divergence = torch.stack([(torch.autograd.grad(out, x, e, retain_graph=True)[0] * e)
+                                              .flatten(1).sum(1) for e in eps], 1)
+            return torch.cat([out.detach().flatten(1), divergence.detach()], 1)
 
-        s0 = torch.cat([x1.flatten(1), torch.zeros(len(x1), 1, device=x1.device)], 1)
+        s0 = torch.cat([x1.flatten(1), torch.zeros(len(x1), probes, device=x1.device)], 1)
         s, n = self.solve(augmented, s0, nfe, 1.0, 0.0)
-        z, a = s[:, :D], s[:, D]
+        z, a = s[:, :D], s[:, D:].T
         log_normal = -0.5 * z.pow(2).sum(1) - 0.5 * D * math.log(2 * math.pi)
         return log_normal + a, n
 
@@ -286,26 +289,27 @@ def reversibility(args, run, data, source, net, method):
               f"cfg {args.cfg})")
 
 
+@common.own_rng  # the same probes and dequantization whatever ran before
 def likelihood(args, run, data, net, method):
-    """--bpd: likelihood (2-D: NLL nats; images: bits/dim), solved with the last --nfe (rk45: exact)."""
+    """--bpd: likelihood (2-D: NLL nats; images: bits/dim), solved with the last --nfe (rk45:
+    exact), the mean over --probes Hutchinson probes with their sd (the estimator's spread)."""
     if args.source:
         raise common.UserError("--bpd needs a noise -> data model (this one starts from --source)")
+    torch.manual_seed(args.seed)
     test = common.load_data(args, train=False) if data.is_image else data
     x, y = draw(test, args.n if data.is_image else min(args.fid_n, 2000), seed=args.seed + 9)
     x, y = x.to(run.device), (y.to(run.device) if method.num_classes else None)
     x = dequantize(x) if data.is_image else x
     nfe = args.nfe_list[-1]
-    with run.sampling():  # --eval-amp: fp32 with TF32 off by default
-        log_p, evals = method.log_likelihood(method.field(net, y, 1.0), x, nfe, args.div,
-                                             generator=torch.Generator().manual_seed(args.seed))
+    log_p, evals = method.log_likelihood(method.field(net, y, 1.0), x, nfe, args.div, args.probes,
+                                         torch.Generator().manual_seed(args.seed))
+    per_probe = bits_per_dim(log_p, x[0].numel()).mean(1) if data.is_image else -log_p.mean(1)
+    value = f"{per_probe.mean().item():.4f}" + (f" (sd over {len(per_probe)} probes "
+                                                 f"{per_probe.std().item():.4f})" if len(per_probe) > 1 else "")
     what = "log p(x|y)" if y is not None else "log p(x)"
-    if data.is_image:
-        run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} images, "
-                  f"{args.div}, {run.eval_precision}): "
-                  f"{bits_per_dim(log_p, x[0].numel()).mean().item():.4f} bits/dim")
-    else:
-        run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} points, "
-                  f"{args.div}, {run.eval_precision}): NLL {-log_p.mean().item():.4f} nats")
+    run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} "
+              f"{'images' if data.is_image else 'points'}, {args.div}, {run.eval_precision}): "
+              + (f"{value} bits/dim" if data.is_image else f"NLL {value} nats"))
 
 
 def load_model(args, run, path, shape):
@@ -454,6 +458,7 @@ def parse(argv):
       help="two-pass encode/decode, or the single-ODE difference-of-fields ablation")
     a("--bpd", action="store_true", help="--mode eval: also the likelihood (solved with the last --nfe)")
     a("--div", default="hutchinson", choices=("hutchinson", "exact"), help="divergence for --bpd")
+    a("--probes", type=int, default=1, help="--bpd: Hutchinson probes along one solve (their mean and sd)")
     common.add_common_args(parser, modes=("train", "sample", "eval", "translate", "bench"), presets=PRESETS)
     args = common.parse_args(parser, argv, may_differ={"translate": ("dataset", "source")})
     args = common.finish_args(args, presets=PRESETS, method="scoreflow", default_nfe="1,2,4,8",
@@ -466,11 +471,13 @@ def parse(argv):
 # this script's entries of common.FLAG_RANGES and common.APPLIES (checked before any work);
 # --p-uncond and --cfg need a class-conditional model, which main() knows once the data is loaded
 RANGES = {"beta": "[0, inf)", "p_uncond": "[0, 1)", "cfg": "(-inf, inf)", "src_class": "[0, inf)",
-          "tgt_class": "[0, inf)"}
+          "tgt_class": "[0, inf)", "probes": "[1, inf)"}
 TRANSLATE = (lambda a: a.mode == "translate", "--mode translate")
 APPLIES = {**dict.fromkeys(["src_class", "tgt_class", "ckpt_b", "translate"], TRANSLATE),
            "bpd": (lambda a: a.mode == "eval", "--mode eval"),
            "div": (lambda a: a.mode == "eval" and a.bpd, "--mode eval --bpd"),
+           "probes": (lambda a: a.mode == "eval" and a.bpd and a.div == "hutchinson",
+                      "--mode eval --bpd --div hutchinson"),
            "source_dir": (lambda a: a.source, "--source"),
            **dict.fromkeys(["beta", "p_uncond"], common.TRAINING_STEPS),  # the loss's (sampling: the field's)
            "pc_lambda": [common.TRAINING_STEPS,

@@ -2285,6 +2285,7 @@ def test_warm_start_learns_to_remove_noise_and_resumes_exactly(tmp_path):
     assert abs(kept_init - c_skip) < 0.02, (kept_init, c_skip)  # untrained: F ignores the noise
     assert kept < c_skip - 0.05, (kept, c_skip)  # 0.88 measured (0.83 with the draw order before issue 21)
     consistency_func.main(_args(folder, tmp_path / "b", "--steps", "3", *warm, "--resume"))
+    assert any(l.rstrip().endswith("; done: resumed at consistency step 0 of 3") for l in open(tmp_path / "b/log.txt"))
     a, b = (common.load_checkpoint(str(tmp_path / f"{r}/ckpt.pt")) for r in "ab")
     assert a["step"] == b["step"] == 83
     for key in ("net", "ema"):
@@ -2521,6 +2522,19 @@ def test_likelihood_linear_field(div):
         assert torch.allclose(log_p, analytic, atol=1e-4 if nfe == "rk45" else 1e-2)
 
 
+def test_likelihood_probes_are_independent_hutchinson_estimates():
+    """v = A x with tr A = 0.2 and A12 + A21 = 0.5: one probe's divergence is eps^T A eps =
+    0.2 +- 0.5 along the whole path, so each probe's log p is the exact one -+ 0.5 and their
+    mean tends to it (sd of the mean over 400 probes: 0.025)."""
+    A, x = torch.tensor([[0.3, 1.0], [-0.5, -0.1]]), torch.randn(16, 2)
+    exact, _ = scoreflow.ScoreFlow().log_likelihood(lambda x, t: x @ A.T, x, "rk45", "exact")
+    log_p, _ = scoreflow.ScoreFlow().log_likelihood(lambda x, t: x @ A.T, x, "rk45", probes=400,
+                                                    generator=torch.Generator().manual_seed(0))
+    assert exact.shape == (1, 16) and log_p.shape == (400, 16)
+    assert torch.allclose((log_p - exact).abs(), torch.full_like(log_p, 0.5), atol=1e-4)
+    assert (log_p.mean(0) - exact[0]).abs().max() < 0.1 and log_p[:, 0].std() > 0.4
+
+
 def test_bits_per_dim_formula():
     dim = 12
     uniform = torch.tensor([-dim * math.log(2.0)])  # uniform on [-1, 1]^D: 8 bits per dim
@@ -2664,6 +2678,12 @@ def test_images_class_translation_and_bpd(tmp_path):
     scoreflow.likelihood(args, run, data, net, scoreflow.ScoreFlow(num_classes=classes))
     bpd = float(re.search(r"(\S+) bits/dim", sf_log_lines(str(tmp_path / "run"), "likelihood")[-1]).group(1))
     assert 3 < bpd < 20
+    args = scoreflow.parse(flags + ["--n", "4", "--mode", "eval", "--bpd", "--probes", "3"])
+    for _ in range(2):  # the dequantization and probes come from --seed, not from the stream
+        scoreflow.likelihood(args, run, data, net, scoreflow.ScoreFlow(num_classes=classes))
+        torch.randn(5)
+    lines = sf_log_lines(str(tmp_path / "run"), "likelihood")[-2:]
+    assert lines[0] == lines[1] and re.search(r"\S+ \(sd over 3 probes \S+\) bits/dim", lines[0])
 
 
 def test_scoreflow_under_torchrun_two_gloo_ranks(tmp_path):
