@@ -27,9 +27,9 @@ Equations implemented (mean over elements, t ~ U[eps, 1]):
           it is invalid, so it is reported as an ablation only
   likelihood: log p_1(x1) = log N(x0; 0, I) - int_0^1 div v(x_t, t) dt (instantaneous change of
           variables, integrated t 1 -> 0), div by Hutchinson eps^T (dv/dx) eps with Rademacher eps
-          fixed along the path (--div exact for 2-D). Images: x in [-1, 1] from uint8 k, dequantized
-          x = 2 (k + u) / 256 - 1, u ~ U[0, 1)^D, so bits/dim = -log p(x) / (D ln 2) + 7.
-          2-D: NLL in nats per point.
+          fixed along the path (--probes K: K along one solve, mean and sd; --div exact in 2-D).
+          Images: x in [-1, 1] from uint8 k, dequantized x = 2 (k + u) / 256 - 1, u ~ U[0, 1)^D,
+          so bits/dim = -log p(x) / (D ln 2) + 7. 2-D: NLL in nats per point.
 
 [reconstructed] choices (all flags): eps = 1e-3; beta = 1 and lambda = 1/t (the paper's, in
 our time); p_uncond 0.1; the difference ODE's start point and direction; the image recipe
@@ -306,8 +306,7 @@ def likelihood(args, run, data, net, method):
     per_probe = bits_per_dim(log_p, x[0].numel()).mean(1) if data.is_image else -log_p.mean(1)
     value = f"{per_probe.mean().item():.4f}" + (f" (sd over {len(per_probe)} probes "
                                                  f"{per_probe.std().item():.4f})" if len(per_probe) > 1 else "")
-    what = "log p(x|y)" if y is not None else "log p(x)"
-    run.print(f"likelihood ({what}, {nfe}, {evals} solver evals, {len(x)} "
+    run.print(f"likelihood (log p(x{'|y' if y is not None else ''}), {nfe}, {evals} solver evals, {len(x)} "
               f"{'images' if data.is_image else 'points'}, {args.div}, {run.eval_precision}): "
               + (f"{value} bits/dim" if data.is_image else f"NLL {value} nats"))
 
