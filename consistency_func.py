@@ -298,9 +298,9 @@ def train(args, run, data, net, method, sample):
     if pretrain:
         ref = torch.stack([data.dataset[i][0] for i in range(min(len(data), 1000))])
         floor = (ref - ref.mean(0)).pow(2).mean().item()  # MSE of the per-pixel data mean
+        done = f"; done: resumed at consistency step {start - pretrain} of {args.steps}" if start >= pretrain else ""
         run.print(f"{args.pretrain} pre-training: {pretrain} steps ({args.pretrain_epochs} epochs); "
-                  f"per-pixel-mean floor {floor:.4f}" + (f"; done: resumed at consistency step "
-                                                         f"{start - pretrain} of {args.steps}" if start >= pretrain else ""))
+                  f"per-pixel-mean floor {floor:.4f}{done}")
     if start == pretrain + args.steps == 0:  # --steps 0: keep the initial weights as a baseline
         run.save(0, net=net, ema=ema, opt=opt)
     stream = iter(batches)

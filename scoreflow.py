@@ -157,11 +157,10 @@ class ScoreFlow:
         return x_b, None, n * (v_a.cost + v_b.cost)
 
     def log_likelihood(self, v, x1, nfe="rk45", div="hutchinson", probes=1, generator=None):
-        """log p_1(x1) in nats per sample by the instantaneous change of variables: integrate
-        [x, a] with dx/dt = v, da/dt = div v from t = 1 (a = 0) to t = 0, then
-        log p_1(x1) = log N(x_0; 0, I) + a(0). Hutchinson carries one a per Rademacher probe
-        along the same path, so the probes' spread is the estimator's. Returns (log p
-        [probes, B] (exact: [1, B]), solver evaluations)."""
+        """log p_1(x1) in nats by the instantaneous change of variables: integrate [x, a] with
+        dx/dt = v, da/dt = div v from t = 1 (a = 0) to 0; log p_1(x1) = log N(x_0; 0, I) + a(0).
+        Hutchinson: one a per Rademacher probe along the same path (the probes' spread is the
+        estimator's). Returns (log p [probes, B] ([1, B] exact), solver evaluations)."""
         shape, D = x1.shape, x1[0].numel()
         probes = 1 if div == "exact" else probes
         eps = (torch.randint(0, 2, (probes, *shape), generator=generator).float() * 2 - 1).to(x1.device)
@@ -291,8 +290,7 @@ def reversibility(args, run, data, source, net, method):
 
 @common.own_rng  # the same probes and dequantization whatever ran before
 def likelihood(args, run, data, net, method):
-    """--bpd: likelihood (2-D: NLL nats; images: bits/dim), solved with the last --nfe (rk45:
-    exact), the mean over --probes Hutchinson probes with their sd (the estimator's spread)."""
+    """--bpd: bits/dim (2-D: NLL nats) with the last --nfe, mean and sd over --probes."""
     if args.source:
         raise common.UserError("--bpd needs a noise -> data model (this one starts from --source)")
     torch.manual_seed(args.seed)
