@@ -43,6 +43,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 import functools
@@ -1795,13 +1796,11 @@ class RunDevice:
         from the unwrapped `net`, so keys have no 'module.' or '_orig_mod.' prefix."""
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
-        model = net
-        if self.ddp:
+        if self.ddp:  # a 1x1 conv's weight grad differs from its bucket only in size-1 dims' strides
+            warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")  # (harmless)
             from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        if self.args.compile:
-            model = torch.compile(model)
-        return model
+            net = DDP(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile else net
 
     def close(self):
         if self._watch is not None:

@@ -1354,6 +1354,18 @@ def test_asfm_under_torchrun_two_gloo_ranks(tmp_path):
     assert r0["local"]["z"].shape == (2, 32, 2) and not torch.equal(r0["local"]["z"], r1["local"]["z"])
 
 
+def test_ddp_on_images_does_not_warn_about_grad_strides(tmp_path):
+    # every torchrun image run printed PyTorch's "Grad strides do not match bucket view strides": on CPU
+    # a 1x1 conv's weight grad [C, C, 1, 1] has strides [C, 1, C, C], its bucket [C, 1, 1, 1] (size-1 dims;
+    # at batch 64: batch 8 takes another conv path and never warned)
+    folder = _image_folder(tmp_path / "imgs", n=64)
+    res = torchrun("asfm.py", ["--dataset", "folder", "--data-dir", folder, "--preset", "tiny", "--stage", "rf",
+                               "--steps", "2", "--batch-size", "64", "--device", "cpu", "--sample-every", "0",
+                               "--out-dir", str(tmp_path / "ddp")], tmp_path)
+    assert "Grad strides" not in res.stderr and "step 2/2" in res.stdout + res.stderr
+    assert common.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["step"] == 2
+
+
 def _asfm_rank(rank, world, port, out, argv):
     """One torchrun-like rank running asfm.main; keeps the discriminator it built."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
