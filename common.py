@@ -1591,10 +1591,10 @@ def check_unchanged(args, config, path):
     another value (data, network, method, batch, lr, schedule: all but RESUME_FREE) is refused
     unless --allow-changed names it. Returns the allowed changes as text ('' if none)."""
     now, allowed = config_dict(args), set(flag_names(getattr(args, "allow_changed", "")))
-    # a data folder counts where it is the data (folder, points), not where a toy ignores it or
-    # a download (cifar10, celeba) may have moved
+    # a data folder counts where it is the data (folder, points), not a toy's or a download's
     paths = {"data_dir": config.get("dataset"), "source_dir": config.get("source")}
-    free = RESUME_FREE | {k for k, data in paths.items() if data not in ("folder", "points")}
+    free = RESUME_FREE | {k for k, data in paths.items() if data not in ("folder", "points")} | \
+        getattr(args, "not_in_force", set())  # e.g. a 1-RF's ASFM flags, whose defaults may change
     changed = [k for k in config if k in now and k not in free and not _same(k, config[k], now[k])]
     refused = [k for k in changed if k not in allowed]
     if refused:

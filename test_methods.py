@@ -3196,6 +3196,12 @@ def test_resume_accepts_announced_changes_and_more_steps(tmp_path, capsys):
     asfm.main(toy + ["--steps", "5", "--out-dir", str(tmp_path / "rfx"), "--resume",
                      "--data-dir", str(tmp_path / "moved")])  # a toy reads no files: its data folder is free
     assert common.load_checkpoint(str(tmp_path / "rfx" / "ckpt.pt"))["step"] == 5
+    # a 1-RF saved its (unused) ASFM flags with the defaults of its day: --stage rf resumes whatever they are now
+    ckpt = torch.load(tmp_path / "rfx" / "ckpt.pt", weights_only=True)
+    ckpt["config"].update(lambda_adv=0.1, r1=0.01)  # the toy preset's are 1 and 0.1
+    torch.save(ckpt, tmp_path / "rfx" / "ckpt.pt")
+    asfm.main(toy + ["--steps", "6", "--out-dir", str(tmp_path / "rfx"), "--resume"])
+    assert common.load_checkpoint(str(tmp_path / "rfx" / "ckpt.pt"))["step"] == 6
     with pytest.raises(common.UserError, match=r"trained with --batch-size 32 --lr 0.001, this run has "
                        r"--batch-size 64 --lr 0.0005: pass the same flags, or --allow-changed batch-size,lr"):
         asfm.main(toy + ["--steps", "6", "--out-dir", str(out), "--resume", "--lr", "5e-4", "--batch-size", "64"])
