@@ -41,10 +41,8 @@ sliced W2 / energy distance instead).
 Commands (run from the repo root):
   python scoreflow.py                                             # CPU toy: class-conditional 8 Gaussians (~1 min)
   python scoreflow.py --mode eval --bpd --nfe 1,4,16,rk45 --cfg 2 # metrics, reconstruction, straightness, NLL
-  python scoreflow.py --mode translate --src-class 0 --tgt-class 4 --nfe 4,16,rk45
-  python scoreflow.py --mode translate --src-class 0 --tgt-class 4 --translate difference
-  python scoreflow.py --source tri-src --dataset tri-tgt          # 2-D domain flow A -> B, then:
-  python scoreflow.py --source tri-src --dataset tri-tgt --mode translate --nfe 1,4,rk45
+  python scoreflow.py --mode translate --src-class 0 --tgt-class 4 --nfe 4,16,rk45  # (--translate difference)
+  python scoreflow.py --source tri-src --dataset tri-tgt          # 2-D domain flow A -> B (then --mode translate)
   python scoreflow.py --dataset tri-src --out-dir runs/A && python scoreflow.py --dataset tri-tgt --out-dir runs/B
   python scoreflow.py --mode translate --source tri-src --dataset tri-tgt --ckpt runs/A/ckpt.pt \
       --ckpt-b runs/B/ckpt.pt --out-dir runs/AB --nfe 1,4,rk45                # two models, shared latent
@@ -53,10 +51,8 @@ Commands (run from the repo root):
   python scoreflow.py --dataset cifar10 --mode translate --src-class 3 --tgt-class 5 --nfe rk45 --fid-n 5000
   python scoreflow.py --dataset celeba --no-class-cond            # CelebA 64x64
   python scoreflow.py --dataset folder --data-dir B/ --source folder --source-dir A/ --image-size 64
-  python scoreflow.py --dataset folder --data-dir B/ --source folder --source-dir A/ --image-size 64 --mode translate --nfe rk45
   torchrun --standalone --nproc_per_node 8 scoreflow.py --dataset cifar10 --no-class-cond
-Translation reports, per NFE: distance to the target class/domain (FID for images; sliced W2 and
-energy distance in 2-D), L2 (and PSNR) to the source, A -> B -> A cycle RMSE; and a figure.
+Translation reports per NFE: distance to the target (FID; 2-D sliced W2, energy), L2/PSNR to the source, cycle RMSE.
 """
 import argparse
 import functools
